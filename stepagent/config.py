@@ -76,3 +76,137 @@ def validate_task_config(node: Any) -> Any:
             f"unknown task {name!r}; registered tasks: {', '.join(sorted(TASK_SCHEMAS))}"
         )
     return _merge_typed(TASK_SCHEMAS[name], node, "task")
+
+
+# ----------------------------------------------------------------------------- policy
+@dataclass
+class LoraSettings:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class PolicyConfig:
+    kind: str = MISSING  # tiny | hf
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"  # sdpa | eager (| flash_attention_2 on GPUs that have it)
+    max_seq_len: int = 1024  # training sequence length; prompts get max_seq_len - max_new_tokens
+    max_new_tokens: int = 32  # per action
+    max_observation_chars: int = 2000  # truncation rule step 1, see stepagent/agent/prompts.py
+    use_task_preamble: bool = True  # put the task's action-syntax description in a system message
+
+
+@dataclass
+class TinyPolicyConfig(PolicyConfig):
+    kind: str = "tiny"
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_layers: int = 4
+    num_heads: int = 4
+
+
+@dataclass
+class HFPolicyConfig(PolicyConfig):
+    kind: str = "hf"
+    name_or_path: str = MISSING  # hub name or local directory saved with save_pretrained
+    trust_remote_code: bool = False
+    chat_template: Optional[str] = None  # override the tokenizer's template
+    eos_token: Optional[str] = None  # end-of-turn token, e.g. "<|eot_id|>" for Llama-3
+    gradient_checkpointing: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+POLICY_SCHEMAS: Dict[str, type] = {"tiny": TinyPolicyConfig, "hf": HFPolicyConfig}
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class SFTConfig:
+    enabled: bool = True
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 8  # sequences per optimizer step
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_trajectories: Optional[int] = None  # use only the first N expert trajectories
+
+
+@dataclass
+class EvalConfig:
+    split: str = "dev"  # dev (ScienceWorld "seen") | test ("unseen") | train
+    before_sft: bool = True  # also evaluate the untrained policy, for the SFT-vs-init comparison
+    temperature: float = 0.0  # 0: greedy
+    max_episodes: Optional[int] = None
+
+
+@dataclass
+class RewardConfig:
+    name: str = MISSING  # none (SFT only) | implicit | inverse | outcome
+
+
+@dataclass
+class PPOConfig:
+    clip_eps: float = 0.2
+    kl_coef: float = 0.05
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman's estimators)
+    entropy_coef: float = 0.0
+    epochs: int = 2
+    minibatch_size: int = 8
+    lr: float = 1e-5
+    max_grad_norm: float = 1.0
+    advantage: str = "loo"  # loo (leave-one-out over K samples) | gae (value head)
+    gamma: float = 1.0
+    lam: float = 0.95
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING  # none | wandb
+    project: str = "stepagent"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    mode: Optional[str] = None  # online | offline; None: offline when no WANDB_API_KEY is set
+
+
+@dataclass
+class Config:
+    task: Any = MISSING
+    policy: Any = MISSING
+    reward: RewardConfig = MISSING
+    ppo: PPOConfig = MISSING
+    logger: LoggerConfig = MISSING
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    cycles: int = 0
+    run_dir: str = MISSING
+    cache_dir: str = MISSING
+    experiment: Optional[str] = None
+
+
+def validate_policy_config(node: Any) -> Any:
+    kind = node.get("kind") if isinstance(node, (dict, DictConfig)) else None
+    if kind not in POLICY_SCHEMAS:
+        raise ConfigError(f"unknown policy kind {kind!r}; known: {', '.join(sorted(POLICY_SCHEMAS))}")
+    return _merge_typed(POLICY_SCHEMAS[kind], node, "policy")
+
+
+def validate_config(cfg: DictConfig) -> DictConfig:
+    """Merge the composed config into the typed schemas; raise ConfigError naming a bad key."""
+    cfg = OmegaConf.to_container(cfg, resolve=True)  # resolve ${hydra:...} while Hydra is live
+    task = validate_task_config(cfg.get("task"))
+    policy = validate_policy_config(cfg.get("policy"))
+    rest = {k: v for k, v in cfg.items() if k not in ("task", "policy")}
+    typed = _merge_typed(Config, rest, "<root>")
+    typed.task = task
+    typed.policy = policy
+    OmegaConf.set_readonly(typed, True)
+    return typed

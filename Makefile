@@ -1,0 +1,45 @@
+# StepAgent: `make run` and `make test` work on a fresh machine. They create the
+# virtual environment (torch pinned to 2.13.0: any other spelling pulls a CUDA build),
+# check for a Java runtime (ScienceWorld's simulator) and install one with apt if missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stepagent-installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test test-slow java venv bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+java:
+	@if java -version >/dev/null 2>&1; then \
+	  echo "java: $$(java -version 2>&1 | head -n1)"; \
+	else \
+	  echo "no Java runtime found: installing default-jre-headless with apt (ScienceWorld needs Java >= 8)"; \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq default-jre-headless; \
+	fi
+
+run: $(STAMP) java
+	$(PY) run.py $(ARGS)
+
+test: $(STAMP) java
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: $(STAMP) java
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+bench: $(STAMP) java
+	$(PY) benchmarks/env_throughput.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache

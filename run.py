@@ -1,0 +1,32 @@
+#!/usr/bin/env python
+"""StepAgent's one entry point.
+
+    python run.py                                   # embedded default: ScienceWorld, tiny policy, SFT, eval
+    python run.py task=hotpotqa                      # another task
+    python run.py policy=hf policy.name_or_path=DIR  # a real model
+    python run.py -m seed=0,1,2                      # a sweep (Hydra multirun)
+"""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from stepagent.config import ConfigError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig):
+    from stepagent.pipeline import run
+
+    try:
+        return run(cfg)
+    except ConfigError as e:
+        logging.getLogger("run").error("%s", e)
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

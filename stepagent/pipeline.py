@@ -1,0 +1,116 @@
+"""The run: expert trajectories -> policy -> (evaluate init) -> SFT -> evaluate.
+
+``run.py`` hands the Hydra config here. Later stages (StepAgent cycles, PPO
+baselines) hook in after SFT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from stepagent.agent.policy import Policy, build_policy
+from stepagent.agent.prompts import PromptEncoder
+from stepagent.config import validate_config
+from stepagent.data.experts import load_or_build_experts
+from stepagent.data.trajectory import Trajectory
+from stepagent.envs import make_task
+from stepagent.envs.base import Task
+from stepagent.envs.pool import EnvPool
+from stepagent.eval.evaluate import evaluate, markdown_table
+from stepagent.tracking import RunLogger
+from stepagent.train.sft import sft_samples, train_sft
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def tokenizer_corpus(task: Task, experts: List[Trajectory]) -> List[str]:
+    """Texts the tiny tokenizer is trained on: everything a prompt can contain."""
+    texts = [task.preamble()]
+    for t in experts:
+        texts.append(t.instruction)
+        for s in t.steps:
+            texts.append(s.action)
+            texts.append(s.observation)
+    return texts
+
+
+def make_encoder(policy: Policy, cfg, task: Task) -> PromptEncoder:
+    return PromptEncoder(
+        policy.tokenizer,
+        max_prompt_tokens=cfg.policy.max_seq_len - cfg.policy.max_new_tokens,
+        max_observation_chars=cfg.policy.max_observation_chars,
+        preamble=task.preamble() if cfg.policy.use_task_preamble else "",
+    )
+
+
+def run(raw_cfg: DictConfig) -> Dict[str, Any]:
+    cfg = validate_config(raw_cfg)
+    seed_everything(cfg.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg))
+    logger = RunLogger(run_dir, cfg, cfg.logger)
+    try:
+        return _run(cfg, run_dir, logger)
+    finally:
+        logger.finish()
+
+
+def _run(cfg, run_dir: Path, logger: RunLogger) -> Dict[str, Any]:
+    task = make_task(cfg.task)
+    cache_dir = Path(cfg.cache_dir)
+    experts = load_or_build_experts(task, "train", cache_dir, task.num_workers)
+    if cfg.sft.max_trajectories:
+        experts = experts[: cfg.sft.max_trajectories]
+    log.info("%d expert trajectories (%d steps)", len(experts), sum(len(t) for t in experts))
+
+    policy = build_policy(cfg.policy, tokenizer_corpus(task, experts), cache_dir, cfg.seed)
+    encoder = make_encoder(policy, cfg, task)
+    instances = task.instances(cfg.eval.split)
+    if cfg.eval.max_episodes:
+        instances = instances[: cfg.eval.max_episodes]
+
+    summaries: Dict[str, Any] = {}
+    with EnvPool(task.env_factory(), task.num_workers, cfg.task.step_timeout_s) as pool:
+
+        def run_eval(tag: str):
+            return evaluate(
+                policy.model, policy.tokenizer, encoder, task, instances, pool,
+                cfg.policy.max_new_tokens, cfg.eval.temperature, out_dir=run_dir, tag=tag, logger=logger,
+            )
+
+        if cfg.eval.before_sft:
+            summaries["init"] = run_eval("eval_init")
+        stats: Dict[str, Any] = {}
+        if cfg.sft.enabled:
+            samples = sft_samples(experts, encoder, cfg.policy.max_seq_len)
+            log.info("SFT on %d sequences", len(samples))
+            stats = train_sft(policy.model, samples, cfg.sft, policy.tokenizer.pad_token_id, logger, cfg.seed)
+            logger.log(stats)
+            policy.model.save_pretrained(str(run_dir / "checkpoints" / "sft"))
+            policy.tokenizer.save_pretrained(str(run_dir / "checkpoints" / "sft"))
+        summaries["sft" if cfg.sft.enabled else "policy"] = run_eval("eval_sft" if cfg.sft.enabled else "eval")
+
+    table = markdown_table(summaries)
+    (run_dir / "results.md").write_text(
+        f"# {cfg.task.name} / {cfg.eval.split} split\n\n{table}\n"
+    )
+    (run_dir / "results.json").write_text(json.dumps({"summaries": summaries, "sft": stats}, indent=1))
+    print(f"\nEvaluation on {cfg.task.name} {cfg.eval.split} ({len(instances)} episodes):\n\n{table}\n")
+    print(f"Run directory: {run_dir}")
+    return {"summaries": summaries, "sft": stats, "run_dir": str(run_dir)}
