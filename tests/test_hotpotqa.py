@@ -212,18 +212,30 @@ def _all_supporting_present(q: Dict[str, Any]) -> bool:
 
 
 def test_split_is_deterministic_disjoint_and_sized() -> None:
-    task = _task()
+    task = _task(answerable_only=False)
     splits = {s: task.instances(s) for s in ("train", "dev", "test")}
     assert {s: len(v) for s, v in splits.items()} == {"train": 300, "dev": 100, "test": 100}
     ids = {s: [i.index for i in v] for s, v in splits.items()}
     assert len(set(ids["train"]) | set(ids["dev"]) | set(ids["test"])) == 500
     order = ids["train"] + ids["dev"] + ids["test"]
     assert order == sorted(order, key=lambda q: hashlib.sha1(q.encode()).hexdigest())
-    assert ids == {s: [i.index for i in _task().instances(s)] for s in ids}  # rebuilt: same split
+    assert ids == {s: [i.index for i in _task(answerable_only=False).instances(s)] for s in ids}
     inst = splits["dev"][0]
     assert (inst.task, inst.split, inst.max_steps) == ("hotpotqa", "dev", 8)
     assert inst.task_type in ("bridge", "comparison")
-    assert [i.index for i in _task(n_train=10, n_dev=5).instances("train")] == ids["train"][:10]
+    assert [i.index for i in _task(n_train=10, n_dev=5, answerable_only=False).instances("train")] == ids["train"][:10]
+
+
+def test_answerable_only_keeps_questions_with_their_evidence() -> None:
+    """The filter runs after the split: same split membership, only answerable questions."""
+    full = {s: _task(answerable_only=False).instances(s) for s in ("train", "dev", "test")}
+    kept = {s: _task(answerable_only=True).instances(s) for s in ("train", "dev", "test")}
+    assert {s: len(v) for s, v in kept.items()} == {"train": 95, "dev": 28, "test": 28}
+    for s in kept:
+        assert {i.index for i in kept[s]} <= {i.index for i in full[s]}
+    env = HotpotQATextEnv("data/hotpotqa/distractor_500.jsonl")
+    for inst in kept["dev"]:
+        assert env.expert_trajectory(inst).reward == 1.0
 
 
 def test_filters_and_caps() -> None:

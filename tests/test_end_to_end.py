@@ -1,0 +1,48 @@
+"""run.py end to end on real ScienceWorld: experts -> tiny policy -> SFT -> evaluation."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL = [
+    "task.task_types=[find-animal]", "task.train_per_type=6", "task.eval_per_type=2",
+    "policy.hidden_size=64", "policy.intermediate_size=128", "policy.num_layers=2",
+    "policy.vocab_size=1024", "policy.max_new_tokens=12",
+    "sft.epochs=2", "sft.batch_size=4",
+]
+
+
+def run_py(tmp_path, *overrides, timeout=600):
+    cmd = [sys.executable, str(REPO / "run.py"), *SMALL, *overrides,
+           f"hydra.run.dir={tmp_path}/run", f"cache_dir={tmp_path}/cache"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r, tmp_path / "run"
+
+
+def test_sft_and_eval_on_scienceworld(tmp_path):
+    r, run_dir = run_py(tmp_path, "logger=wandb", "eval.before_sft=true")
+    results = json.loads((run_dir / "results.json").read_text())
+    sft = results["summaries"]["sft"]["overall"]
+    assert sft["episodes"] == 2 and sft["crashed"] == 0
+    assert 0.0 <= sft["reward_x100"] <= 100.0
+    assert results["sft"]["sft/last_epoch_loss"] < results["sft"]["sft/first_epoch_loss"]
+    assert "| sft | find-animal | 2 |" in r.stdout  # the printed table
+    # per-episode records and both tables are in the run directory
+    ev = json.loads((run_dir / "eval_sft.json").read_text())
+    assert len(ev["episodes"]) == 2 and all(e["steps"] >= 1 for e in ev["episodes"])
+    assert (run_dir / "eval_init.md").exists() and (run_dir / "results.md").exists()
+    # metrics.jsonl always; W&B offline files inside the run directory
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("sft/loss" in row for row in rows)
+    assert any("eval_sft/reward_x100" in row for row in rows)
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    assert (run_dir / "checkpoints" / "sft" / "config.json").exists()
+    # the second run reuses the cached expert trajectories, tokenizer and initial model
+    r2, _ = run_py(tmp_path, "eval.before_sft=false", "logger=none", "hydra.run.dir=" + str(tmp_path / "run2"))
+    assert "0 to build" in (r2.stdout + r2.stderr) or "skipped" in (r2.stdout + r2.stderr)
