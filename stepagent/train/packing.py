@@ -1,0 +1,176 @@
+"""One forward pass per trajectory: the expert trajectory plus every agent action, packed.
+
+Inspection gives, at each expert step t, the expert action a_t^e and K agent
+actions â_t^k, all in the same state s_t^e (the expert prefix). Instead of one
+sequence per (state, action) — which re-reads the prefix K+1 times per step, and
+n times across steps — we forward one sequence:
+
+    [ s_1 a_1^e o_1 a_2^e o_2 ... a_n^e ] [ â_1^1 ] [ â_1^2 ] ... [ â_n^K ]
+      \\____ the expert trajectory ____/   \\______ branches ______/
+
+with a tree-shaped attention mask: expert tokens are causal as usual; a branch
+token of â_t^k sees the expert tokens of s_t (everything before a_t^e) and the
+earlier tokens of its own branch, nothing else. Its position ids continue from
+s_t, exactly as if â_t^k stood in place of a_t^e. Every log-prob is then the
+one a per-step forward would give (a test checks equality to 1e-5, with
+gradients, for eager and SDPA attention).
+
+The first token of â_t^k is predicted from the last token of s_t, which is also
+the position predicting a_t^e's first token: both read that same logit row.
+
+The mask is *additive* float (0 / dtype-min): transformers' eager attention adds
+a 4D mask to the scores, so a boolean mask would be silently wrong there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from stepagent.agent.prompts import Encoded
+
+
+@dataclass
+class ActionSlot:
+    """Where one action's tokens sit in a packed sequence."""
+
+    step: int  # index t of the expert step (the state s_t)
+    sample: int  # -1: the expert action a_t^e; k >= 0: agent sample â_t^k
+    targets: List[int]  # positions of the action's tokens
+    preds: List[int]  # positions whose logits predict them (targets shifted by one, tree-aware)
+
+
+@dataclass
+class Packed:
+    input_ids: List[int]
+    position_ids: List[int]
+    parent_len: List[int]  # for a branch token: len(s_t) it attends to; for expert tokens: -1
+    branch_start: List[int]  # for a branch token: where its branch starts; for expert tokens: -1
+    slots: List[ActionSlot]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def allowed(self) -> torch.Tensor:
+        """[L, L] boolean: query i may attend to key j."""
+        L = len(self.input_ids)
+        n_base = next((i for i, p in enumerate(self.parent_len) if p >= 0), L)
+        allow = torch.zeros(L, L, dtype=torch.bool)
+        allow[:n_base, :n_base] = torch.tril(torch.ones(n_base, n_base, dtype=torch.bool))
+        for i in range(n_base, L):
+            allow[i, : self.parent_len[i]] = True  # the state s_t
+            allow[i, self.branch_start[i] : i + 1] = True  # its own branch, causally
+        return allow
+
+
+def pack_trajectory(base: Encoded, branches: Dict[int, Sequence[Sequence[int]]]) -> Packed:
+    """Pack ``base`` (an encoded expert trajectory with ``action_spans``) with agent branches.
+
+    ``branches[t]`` are the token ids of the agent actions at expert step t (each
+    ending with the end-of-turn token, as generated). Steps are indexed by
+    ``base.action_spans``.
+    """
+    ids = list(base.input_ids)
+    L0 = len(ids)
+    pos = list(range(L0))
+    parent = [-1] * L0
+    bstart = [-1] * L0
+    slots: List[ActionSlot] = []
+    for t, (st, en) in enumerate(base.action_spans):
+        if st < 1:
+            raise ValueError("an action span must follow at least one prompt token")
+        slots.append(ActionSlot(t, -1, list(range(st, en)), list(range(st - 1, en - 1))))
+    for t in sorted(branches):
+        st, _ = base.action_spans[t]
+        for k, toks in enumerate(branches[t]):
+            if not toks:
+                continue
+            p = len(ids)
+            ids.extend(toks)
+            pos.extend(range(st, st + len(toks)))
+            parent.extend([st] * len(toks))
+            bstart.extend([p] * len(toks))
+            targets = list(range(p, p + len(toks)))
+            preds = [st - 1] + list(range(p, p + len(toks) - 1))
+            slots.append(ActionSlot(t, k, targets, preds))
+    return Packed(ids, pos, parent, bstart, slots)
+
+
+def collate_packed(packs: Sequence[Packed], pad_id: int, dtype: torch.dtype = torch.float32):
+    """Batch packed sequences: ids, position ids and the additive 4D mask [B, 1, L, L]."""
+    B, L = len(packs), max(len(p) for p in packs)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, L), dtype=torch.long)
+    allow = torch.zeros((B, L, L), dtype=torch.bool)
+    for b, p in enumerate(packs):
+        n = len(p)
+        ids[b, :n] = torch.tensor(p.input_ids)
+        pos[b, :n] = torch.tensor(p.position_ids)
+        allow[b, :n, :n] = p.allowed()
+        # Padding queries attend to themselves only, so no softmax row is all -inf (NaN).
+        idx = torch.arange(n, L)
+        allow[b, idx, idx] = True
+    mask = torch.zeros((B, 1, L, L), dtype=dtype)
+    mask.masked_fill_(~allow[:, None], torch.finfo(dtype).min)
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
+
+
+def action_logprobs(logits: torch.Tensor, packs: Sequence[Packed], batch: Dict[str, torch.Tensor]):
+    """Sum of token log-probs of every action slot, in ``packs[b].slots`` order.
+
+    Returns a flat tensor [total slots] plus the (batch index, slot) list it follows.
+    Only the logit rows that predict an action token go through log_softmax.
+    """
+    rows_b, rows_p, tok, seg = [], [], [], []
+    index: List[Tuple[int, ActionSlot]] = []
+    ids = batch["input_ids"]
+    for b, p in enumerate(packs):
+        for s in p.slots:
+            seg.extend([len(index)] * len(s.targets))
+            rows_b.extend([b] * len(s.targets))
+            rows_p.extend(s.preds)
+            tok.extend(ids[b, s.targets].tolist())
+            index.append((b, s))
+    dev = logits.device
+    sel = logits[torch.tensor(rows_b, device=dev), torch.tensor(rows_p, device=dev)]  # [N, V]
+    lp = F.log_softmax(sel.float(), dim=-1).gather(-1, torch.tensor(tok, device=dev)[:, None]).squeeze(-1)
+    out = torch.zeros(len(index), dtype=lp.dtype, device=dev)
+    out = out.index_add(0, torch.tensor(seg, device=dev), lp)
+    return out, index
+
+
+def packed_forward(model, packs: Sequence[Packed], pad_id: int):
+    """Forward a batch of packed trajectories; returns (per-slot log-prob sums, slot index)."""
+    dtype = next(model.parameters()).dtype
+    batch = collate_packed(packs, pad_id, dtype=dtype if dtype.is_floating_point else torch.float32)
+    dev = next(model.parameters()).device
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], use_cache=False)
+    return action_logprobs(out.logits, packs, batch)
+
+
+def per_step_logprobs(model, base: Encoded, branches: Dict[int, Sequence[Sequence[int]]], pad_id: int):
+    """The unpacked reference: one sequence (prefix + action) per (step, action).
+
+    Returns log-prob sums in the same slot order as ``pack_trajectory(base, branches).slots``.
+    Used by the equivalence test and the benchmark.
+    """
+    seqs: List[Tuple[List[int], int]] = []  # (ids, prefix length)
+    for t, (st, en) in enumerate(base.action_spans):
+        seqs.append((base.input_ids[:en], st))
+    for t in sorted(branches):
+        st, _ = base.action_spans[t]
+        for toks in branches[t]:
+            if toks:
+                seqs.append((base.input_ids[:st] + list(toks), st))
+    outs = []
+    for ids, st in seqs:
+        x = torch.tensor([ids], device=next(model.parameters()).device)
+        logits = model(input_ids=x, use_cache=False).logits
+        lp = F.log_softmax(logits[0, st - 1 : len(ids) - 1].float(), dim=-1)
+        outs.append(lp.gather(-1, x[0, st:, None]).sum())
+    return torch.stack(outs)
