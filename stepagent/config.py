@@ -155,6 +155,39 @@ class RewardConfig:
 
 
 @dataclass
+class NoRewardConfig(RewardConfig):
+    name: str = "none"
+
+
+@dataclass
+class ImplicitRewardConfig(RewardConfig):
+    """Step-level DPO, expert action preferred over the agent's in the same state."""
+
+    name: str = "implicit"
+    beta: float = 0.1
+    reference: str = "cycle_start"  # cycle_start | sft : which policy is π_ref
+    lr: float = 1e-4
+    epochs: int = 1  # passes over the cycle's contrast data
+    batch_size: int = 4  # packed trajectories per optimizer step
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+
+
+REWARD_SCHEMAS: Dict[str, type] = {"none": NoRewardConfig, "implicit": ImplicitRewardConfig}
+
+
+@dataclass
+class InspectionConfig:
+    """Inspection: at every expert prefix the agent produces its own actions."""
+
+    samples_per_state: int = 2  # K agent actions per expert state
+    temperature: float = 1.0
+    trajectories: Optional[int] = 64  # expert trajectories inspected per cycle (random subset; None: all)
+    batch_size: int = 16  # prompts per generation call
+    heldout_trajectories: Optional[int] = 20  # dev expert trajectories for the held-out agreement rate
+
+
+@dataclass
 class PPOConfig:
     clip_eps: float = 0.2
     kl_coef: float = 0.05
@@ -183,13 +216,14 @@ class LoggerConfig:
 class Config:
     task: Any = MISSING
     policy: Any = MISSING
-    reward: RewardConfig = MISSING
+    reward: Any = MISSING
     ppo: PPOConfig = MISSING
+    inspection: InspectionConfig = field(default_factory=InspectionConfig)
     logger: LoggerConfig = MISSING
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
-    cycles: int = 0
+    cycles: int = 3  # inspection + reflection cycles after SFT (ignored by reward=none)
     run_dir: str = MISSING
     cache_dir: str = MISSING
     experiment: Optional[str] = None
@@ -202,14 +236,23 @@ def validate_policy_config(node: Any) -> Any:
     return _merge_typed(POLICY_SCHEMAS[kind], node, "policy")
 
 
+def validate_reward_config(node: Any) -> Any:
+    name = node.get("name") if isinstance(node, (dict, DictConfig)) else None
+    if name not in REWARD_SCHEMAS:
+        raise ConfigError(f"unknown reward {name!r}; known: {', '.join(sorted(REWARD_SCHEMAS))}")
+    return _merge_typed(REWARD_SCHEMAS[name], node, "reward")
+
+
 def validate_config(cfg: DictConfig) -> DictConfig:
     """Merge the composed config into the typed schemas; raise ConfigError naming a bad key."""
     cfg = OmegaConf.to_container(cfg, resolve=True)  # resolve ${hydra:...} while Hydra is live
     task = validate_task_config(cfg.get("task"))
     policy = validate_policy_config(cfg.get("policy"))
-    rest = {k: v for k, v in cfg.items() if k not in ("task", "policy")}
+    reward = validate_reward_config(cfg.get("reward"))
+    rest = {k: v for k, v in cfg.items() if k not in ("task", "policy", "reward")}
     typed = _merge_typed(Config, rest, "<root>")
     typed.task = task
     typed.policy = policy
+    typed.reward = reward
     OmegaConf.set_readonly(typed, True)
     return typed

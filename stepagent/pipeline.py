@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stepagent.agent.policy import Policy, build_policy
 from stepagent.agent.prompts import PromptEncoder
+from stepagent.algos.stepagent import CycleContext, run_stepagent_cycles
 from stepagent.config import validate_config
 from stepagent.data.experts import load_or_build_experts
 from stepagent.data.trajectory import Trajectory
@@ -106,11 +107,24 @@ def _run(cfg, run_dir: Path, logger: RunLogger) -> Dict[str, Any]:
             policy.tokenizer.save_pretrained(str(run_dir / "checkpoints" / "sft"))
         summaries["sft" if cfg.sft.enabled else "policy"] = run_eval("eval_sft" if cfg.sft.enabled else "eval")
 
+        cycles: List[Dict[str, Any]] = []
+        if cfg.reward.name != "none" and cfg.cycles > 0:
+            heldout = []
+            if cfg.inspection.heldout_trajectories:
+                heldout = load_or_build_experts(task, cfg.eval.split, cache_dir, task.num_workers)
+                heldout = heldout[: cfg.inspection.heldout_trajectories]
+            ctx = CycleContext(cfg, policy, encoder, task, experts, heldout, run_dir, logger, run_eval)
+            cycles = run_stepagent_cycles(ctx)
+            for row in cycles:
+                summaries[f"cycle {row['cycle']}"] = json.loads(
+                    (run_dir / f"eval_cycle_{row['cycle']}.json").read_text())["summary"]
+
     table = markdown_table(summaries)
     (run_dir / "results.md").write_text(
         f"# {cfg.task.name} / {cfg.eval.split} split\n\n{table}\n"
     )
-    (run_dir / "results.json").write_text(json.dumps({"summaries": summaries, "sft": stats}, indent=1))
+    (run_dir / "results.json").write_text(
+        json.dumps({"summaries": summaries, "sft": stats, "cycles": cycles}, indent=1))
     print(f"\nEvaluation on {cfg.task.name} {cfg.eval.split} ({len(instances)} episodes):\n\n{table}\n")
     print(f"Run directory: {run_dir}")
-    return {"summaries": summaries, "sft": stats, "run_dir": str(run_dir)}
+    return {"summaries": summaries, "sft": stats, "cycles": cycles, "run_dir": str(run_dir)}

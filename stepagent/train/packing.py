@@ -66,13 +66,17 @@ class Packed:
         return allow
 
 
-def pack_trajectory(base: Encoded, branches: Dict[int, Sequence[Sequence[int]]]) -> Packed:
+def pack_trajectory(
+    base: Encoded, branches: Dict[int, Sequence[Sequence[int]]], steps: Optional[Sequence[int]] = None
+) -> Packed:
     """Pack ``base`` (an encoded expert trajectory with ``action_spans``) with agent branches.
 
-    ``branches[t]`` are the token ids of the agent actions at expert step t (each
-    ending with the end-of-turn token, as generated). Steps are indexed by
-    ``base.action_spans``.
+    ``branches[i]`` are the token ids of the agent actions at the i-th action span of
+    ``base`` (each ending with the end-of-turn token). ``steps[i]`` is the trajectory
+    step that span is (default: i); it labels the slots, e.g. when a long trajectory
+    is cut into one window per step.
     """
+    steps = list(steps) if steps is not None else list(range(len(base.action_spans)))
     ids = list(base.input_ids)
     L0 = len(ids)
     pos = list(range(L0))
@@ -82,7 +86,7 @@ def pack_trajectory(base: Encoded, branches: Dict[int, Sequence[Sequence[int]]])
     for t, (st, en) in enumerate(base.action_spans):
         if st < 1:
             raise ValueError("an action span must follow at least one prompt token")
-        slots.append(ActionSlot(t, -1, list(range(st, en)), list(range(st - 1, en - 1))))
+        slots.append(ActionSlot(steps[t], -1, list(range(st, en)), list(range(st - 1, en - 1))))
     for t in sorted(branches):
         st, _ = base.action_spans[t]
         for k, toks in enumerate(branches[t]):
@@ -95,7 +99,7 @@ def pack_trajectory(base: Encoded, branches: Dict[int, Sequence[Sequence[int]]])
             bstart.extend([p] * len(toks))
             targets = list(range(p, p + len(toks)))
             preds = [st - 1] + list(range(p, p + len(toks) - 1))
-            slots.append(ActionSlot(t, k, targets, preds))
+            slots.append(ActionSlot(steps[t], k, targets, preds))
     return Packed(ids, pos, parent, bstart, slots)
 
 

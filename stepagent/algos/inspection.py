@@ -1,0 +1,113 @@
+"""Inspection (METHOD.md §1): the novice observes the expert step by step.
+
+Every expert trajectory of n steps is split after each action into n segments
+(s_t^e, a_t^e). At each expert prefix s_t^e the current policy generates K
+actions â_t^k ~ π_θ(· | s_t^e); no environment call is needed. Segments where
+the agent reproduces the expert action carry no contrast but count towards the
+agreement rate — the measurable proxy for the paper's convergence claim.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from tqdm.auto import tqdm
+
+from stepagent.agent.generation import generate_actions
+from stepagent.agent.prompts import PromptEncoder
+from stepagent.data.trajectory import Trajectory
+from stepagent.envs.base import Task
+
+
+def normalize_action(text: str) -> str:
+    """Compare actions modulo case, whitespace and trailing punctuation."""
+    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(" .!")
+
+
+@dataclass
+class Segment:
+    traj_id: str
+    step: int
+    expert_action: str
+    agent_actions: List[str] = field(default_factory=list)  # generated text, as the history would hold it
+    matches: List[bool] = field(default_factory=list)  # agent action == expert action (normalised, parsed)
+
+    @property
+    def has_contrast(self) -> bool:
+        return not all(self.matches)
+
+
+def segments_of(trajs: Sequence[Trajectory]) -> List[tuple]:
+    return [(tr, t) for tr in trajs for t in range(len(tr.steps))]
+
+
+def inspect(
+    model,
+    tokenizer,
+    encoder: PromptEncoder,
+    task: Task,
+    trajs: Sequence[Trajectory],
+    num_samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "inspection",
+) -> Dict[str, List[Segment]]:
+    """Agent actions at every expert prefix; returns {trajectory id: segments in step order}."""
+    segs = segments_of(trajs)
+    out: Dict[str, List[Segment]] = defaultdict(list)
+    bar = tqdm(total=len(segs), desc=desc, disable=not progress, dynamic_ncols=True)
+    # Longest prompts first: batches of similar length waste less padding.
+    prompts = []
+    for tr, t in segs:
+        obs = [s.observation for s in tr.steps[:t]]
+        prompts.append(encoder.encode_state(tr.instruction, tr.actions[:t], obs).input_ids)
+    order = sorted(range(len(segs)), key=lambda i: -len(prompts[i]))
+    results: Dict[int, Segment] = {}
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        gens = generate_actions(
+            model, tokenizer, [prompts[j] for j in idx], max_new_tokens, encoder.eos_token_id,
+            temperature=temperature, num_samples=num_samples,
+        )
+        for j, samples in zip(idx, gens):
+            tr, t = segs[j]
+            expert = tr.steps[t].action
+            texts = [tokenizer.decode(g, skip_special_tokens=True).strip() for g in samples]
+            target = normalize_action(task.parse_action(expert))
+            matches = [normalize_action(task.parse_action(x)) == target for x in texts]
+            results[j] = Segment(tr.id, t, expert, texts, matches)
+        bar.update(len(idx))
+    bar.close()
+    for j in range(len(segs)):
+        out[segs[j][0].id].append(results[j])
+    return dict(out)
+
+
+def agreement(segments: Dict[str, List[Segment]]) -> Dict[str, object]:
+    """Agreement rate overall and by step index (fraction of agent samples equal to the expert's)."""
+    by_step: Dict[int, List[bool]] = defaultdict(list)
+    for segs in segments.values():
+        for s in segs:
+            by_step[s.step].extend(s.matches)
+    flat = [m for v in by_step.values() for m in v]
+    return {
+        "rate": sum(flat) / max(len(flat), 1),
+        "by_step": [sum(by_step[t]) / len(by_step[t]) for t in sorted(by_step)],
+        "samples": len(flat),
+    }
+
+
+def write_contrast_jsonl(path: Path, segments: Dict[str, List[Segment]]) -> None:
+    """The cycle's contrast data, one segment per line, human-readable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for segs in segments.values():
+            for s in segs:
+                f.write(json.dumps(asdict(s), ensure_ascii=False) + "\n")

@@ -1,0 +1,252 @@
+"""StepAgent (METHOD.md §1): after SFT, cycles of inspection and reflection.
+
+Each cycle:
+  1. inspection  — at every expert prefix s_t^e of a random subset of the expert
+                   trajectories the policy samples K actions â_t^k;
+  2. reflection  — reward=implicit: step-level DPO, a_t^e ≻ â_t^k in s_t^e, all
+                   log-probs of a trajectory from ONE packed forward pass;
+  3. evaluation  — on the dev split in the real environment;
+  4. checkpoint  — the policy after the cycle.
+
+π_ref: the policy at the start of the cycle (``reward.reference=cycle_start``) or
+the SFT policy (``sft``). Either way no second model is kept: reference
+log-probs are computed once, when the pairs are built, before any update. For
+``sft`` the SFT values of the *trainable* parameters (the LoRA adapter, or the
+full weights for the tiny model) are kept on the CPU and swapped in for that pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from stepagent.agent.prompts import PromptEncoder
+from stepagent.algos.inspection import Segment, agreement, inspect, write_contrast_jsonl
+from stepagent.data.trajectory import Trajectory
+from stepagent.train.dpo import implicit_reward, step_dpo_loss
+from stepagent.train.packing import Packed, pack_trajectory, packed_forward
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- packing
+def build_packs(
+    encoder: PromptEncoder, trajs: Sequence[Trajectory], segments: Dict[str, List[Segment]], max_len: int
+) -> List[Packed]:
+    """One packed sequence per trajectory (or per step window for long ones), with the
+    agent actions that differ from the expert's as branches."""
+    packs: List[Packed] = []
+    for tr in trajs:
+        segs = segments.get(tr.id)
+        if not segs:
+            continue
+        obs = [s.observation for s in tr.steps]
+        windows = encoder.encode_trajectory(tr.instruction, tr.actions, obs, max_len)
+        # one window holding every step, or one window per step
+        step_ids = [list(range(len(tr.steps)))] if len(windows) == 1 else [[t] for t in range(len(tr.steps))]
+        for win, steps in zip(windows, step_ids):
+            branches = {}
+            for i, t in enumerate(steps):
+                seg = segs[t]
+                branches[i] = [encoder.encode_action(a) for a, m in zip(seg.agent_actions, seg.matches) if not m]
+            if any(branches.values()):
+                packs.append(pack_trajectory(win, branches, steps))
+    return packs
+
+
+def pair_indices(pack: Packed) -> Tuple[List[int], List[int]]:
+    """(chosen, rejected) slot indices within a pack: the expert slot of step t vs each agent slot of t."""
+    expert_of = {s.step: i for i, s in enumerate(pack.slots) if s.sample < 0}
+    rejected = [i for i, s in enumerate(pack.slots) if s.sample >= 0]
+    return [expert_of[pack.slots[i].step] for i in rejected], rejected
+
+
+# ----------------------------------------------------------------------------- reference
+@contextlib.contextmanager
+def swapped_trainable(model: torch.nn.Module, saved: Optional[Dict[str, torch.Tensor]]):
+    """Temporarily load ``saved`` values into the trainable parameters (None: no-op)."""
+    if saved is None:
+        yield
+        return
+    current = {}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in saved:
+                current[n] = p.detach().to("cpu", copy=True)
+                p.copy_(saved[n].to(p.device))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in current:
+                    p.copy_(current[n].to(p.device))
+
+
+def trainable_snapshot(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def slot_logprobs(model, packs: Sequence[Packed], pad_id: int, batch_size: int) -> List[torch.Tensor]:
+    """Per-pack tensors of slot log-prob sums (no grad)."""
+    was = model.training
+    model.eval()
+    out: List[torch.Tensor] = []
+    for i in range(0, len(packs), batch_size):
+        chunk = packs[i : i + batch_size]
+        lp, _ = packed_forward(model, chunk, pad_id)
+        sizes = [len(p.slots) for p in chunk]
+        out.extend(t.cpu() for t in torch.split(lp, sizes))
+    model.train(was)
+    return out
+
+
+# ----------------------------------------------------------------------------- reflection
+def reflect_implicit(
+    model, opt, packs: List[Packed], ref_lps: List[torch.Tensor], rcfg, pad_id: int, seed: int, progress: bool = True
+) -> Dict[str, float]:
+    """Step-level DPO over the cycle's packs. Returns mean diagnostics over optimizer steps."""
+    rng = random.Random(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums: Dict[str, float] = defaultdict(float)
+    n_steps = 0
+    model.train()
+    total = rcfg.epochs * ((len(packs) + rcfg.batch_size - 1) // rcfg.batch_size)
+    bar = tqdm(total=total, desc="reflection (step DPO)", disable=not progress, dynamic_ncols=True)
+    for _ in range(rcfg.epochs):
+        order = list(range(len(packs)))
+        rng.shuffle(order)
+        for i in range(0, len(order), rcfg.batch_size):
+            idx = order[i : i + rcfg.batch_size]
+            chunk = [packs[j] for j in idx]
+            lp, _ = packed_forward(model, chunk, pad_id)
+            ref = torch.cat([ref_lps[j] for j in idx]).to(lp.device)
+            chosen, rejected, offset = [], [], 0
+            for p in chunk:
+                c, r = pair_indices(p)
+                chosen += [offset + k for k in c]
+                rejected += [offset + k for k in r]
+                offset += len(p.slots)
+            c, r = torch.tensor(chosen), torch.tensor(rejected)
+            loss, st = step_dpo_loss(lp[c], lp[r], ref[c], ref[r], rcfg.beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            st["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, rcfg.max_grad_norm)
+            opt.step()
+            for k, v in st.items():
+                sums[k] += float(v)
+            n_steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(st['loss']):.3f}", acc=f"{float(st['accuracy']):.2f}")
+    bar.close()
+    model.eval()
+    return {f"dpo/{k}": v / max(n_steps, 1) for k, v in sums.items()} | {"dpo/steps": n_steps,
+                                                                         "dpo/pairs": sum(len(pair_indices(p)[1]) for p in packs)}
+
+
+def step_reward_curve(
+    packs: Sequence[Packed], pol_lps: Sequence[torch.Tensor], ref_lps: Sequence[torch.Tensor], beta: float
+) -> Dict[str, List[Optional[float]]]:
+    """Mean implicit reward β(log π - log π_ref) of expert and agent actions by step index."""
+    acc: Dict[str, Dict[int, List[float]]] = {"expert": defaultdict(list), "agent": defaultdict(list)}
+    for p, lp, ref in zip(packs, pol_lps, ref_lps):
+        r = implicit_reward(lp, ref, beta)
+        for s, v in zip(p.slots, r.tolist()):
+            acc["expert" if s.sample < 0 else "agent"][s.step].append(v)
+    n = 1 + max((s.step for p in packs for s in p.slots), default=-1)
+    return {k: [sum(d[t]) / len(d[t]) if d[t] else None for t in range(n)] for k, d in acc.items()}
+
+
+# ----------------------------------------------------------------------------- the cycles
+@dataclass
+class CycleContext:
+    cfg: Any
+    policy: Any
+    encoder: PromptEncoder
+    task: Any
+    experts: List[Trajectory]
+    heldout: List[Trajectory]
+    run_dir: Path
+    logger: Any
+    evaluate: Any  # callable(tag) -> summary
+
+
+def heldout_agreement(ctx: CycleContext) -> Dict[str, Any]:
+    """Greedy agreement with the expert on held-out (dev) expert segments."""
+    if not ctx.heldout:
+        return {"rate": None, "by_step": [], "samples": 0}
+    segs = inspect(ctx.policy.model, ctx.policy.tokenizer, ctx.encoder, ctx.task, ctx.heldout, 1, 0.0,
+                   ctx.cfg.policy.max_new_tokens, ctx.cfg.inspection.batch_size, desc="held-out agreement")
+    return agreement(segs)
+
+
+def run_stepagent_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
+    cfg, rcfg, model, tok = ctx.cfg, ctx.cfg.reward, ctx.policy.model, ctx.policy.tokenizer
+    if rcfg.name != "implicit":
+        raise ValueError(f"reward={rcfg.name} is not implemented by the StepAgent cycles yet")
+    pad = tok.pad_token_id
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=rcfg.lr, weight_decay=rcfg.weight_decay)
+    sft_params = trainable_snapshot(model) if rcfg.reference == "sft" else None
+    if rcfg.reference not in ("cycle_start", "sft"):
+        raise ValueError(f"reward.reference must be cycle_start or sft, got {rcfg.reference!r}")
+
+    history: List[Dict[str, Any]] = []
+    h0 = heldout_agreement(ctx)
+    ctx.logger.log({"cycle": 0, "agreement/heldout": h0["rate"], "agreement/heldout_by_step": h0["by_step"]})
+    for cycle in range(1, cfg.cycles + 1):
+        cdir = ctx.run_dir / "cycles" / f"cycle_{cycle}"
+        rng = random.Random(cfg.seed * 1000 + cycle)
+        n = cfg.inspection.trajectories
+        subset = rng.sample(ctx.experts, min(n, len(ctx.experts))) if n else list(ctx.experts)
+
+        # 1. Inspection: the novice acts at every expert prefix.
+        segments = inspect(model, tok, ctx.encoder, ctx.task, subset, cfg.inspection.samples_per_state,
+                           cfg.inspection.temperature, cfg.policy.max_new_tokens, cfg.inspection.batch_size,
+                           desc=f"cycle {cycle} inspection")
+        write_contrast_jsonl(cdir / "contrast.jsonl", segments)
+        agree = agreement(segments)
+
+        # 2. Reflection with the implicit step reward (one packed pass per trajectory).
+        packs = build_packs(ctx.encoder, subset, segments, cfg.policy.max_seq_len)
+        with swapped_trainable(model, sft_params):
+            ref_lps = slot_logprobs(model, packs, pad, rcfg.batch_size)
+        stats = reflect_implicit(model, opt, packs, ref_lps, rcfg, pad, seed=cfg.seed + cycle) if packs else {}
+        pol_lps = slot_logprobs(model, packs, pad, rcfg.batch_size)
+        curve = step_reward_curve(packs, pol_lps, ref_lps, rcfg.beta)
+
+        # 3. Held-out agreement and evaluation in the environment.
+        held = heldout_agreement(ctx)
+        summary = ctx.evaluate(f"eval_cycle_{cycle}")
+
+        # 4. Checkpoint.
+        model.save_pretrained(str(ctx.run_dir / "checkpoints" / f"cycle_{cycle}"))
+        row = {
+            "cycle": cycle,
+            "agreement/inspection": agree["rate"],
+            "agreement/inspection_by_step": agree["by_step"],
+            "agreement/heldout": held["rate"],
+            "agreement/heldout_by_step": held["by_step"],
+            "contrast/segments": sum(len(v) for v in segments.values()),
+            "contrast/segments_with_contrast": sum(s.has_contrast for v in segments.values() for s in v),
+            "step_reward/expert_by_step": curve["expert"],
+            "step_reward/agent_by_step": curve["agent"],
+            "eval/reward_x100": summary["overall"]["reward_x100"],
+            "eval/success_rate": summary["overall"]["success_rate"],
+            **stats,
+        }
+        ctx.logger.log(row)
+        (cdir / "metrics.json").write_text(__import__("json").dumps(row, indent=1))
+        log.info("cycle %d: agreement %.3f (held-out %s), dev reward %.1f", cycle, agree["rate"],
+                 held["rate"], summary["overall"]["reward_x100"])
+        history.append(row)
+    return history
