@@ -1,0 +1,304 @@
+"""ScienceWorld (Wang et al. 2022) as a StepAgent task, with ETO's splits and step limits.
+
+* ``ScienceWorldTask`` (trainer side) reads the split tables in ``data/scienceworld``
+  (see its README) and turns each ``[eto_task_name, variation]`` pair into a
+  ``TaskInstance`` whose ``task_type`` is the package's task name (``find-animal``).
+* ``ScienceWorldTextEnv`` (worker side) owns one ``ScienceWorldEnv``, i.e. one JVM
+  reached through py4j, created lazily on first use.
+
+Speed note: ``ScienceWorldEnv.step`` builds a large ``info`` dict on every call
+(the full list of valid action/object combinations, look, inventory, ...). That is
+~100 ms per step against ~6 ms for the simulator step itself, so this env talks to
+the JVM-side ``server`` object directly and reproduces the package's scoring rules
+(score 0..100, done on completion, on a negative score, or past ``envStepLimit``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
+
+import stepagent
+from stepagent.data.trajectory import Step, Trajectory
+from stepagent.envs.base import ExpertFailure, StepResult, Task, TaskInstance, TextEnv, register_task
+
+REPO_ROOT = Path(stepagent.__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = REPO_ROOT / "data" / "scienceworld"
+SPLITS = ("train", "dev", "test")
+INVALID_ACTION_MSG = "No known action matches that input."
+
+_ETO_PREFIX = re.compile(r"^task-\d+[a-z]?-")
+# ETO spells "mendelian" with two l's; the package does not.
+_ETO_SPELLING_FIXES = {"mendellian": "mendelian"}
+
+
+# --------------------------------------------------------------------------- name mapping
+@functools.lru_cache(maxsize=None)
+def package_task_names(data_dir: str = str(DEFAULT_DATA_DIR)) -> FrozenSet[str]:
+    """The package's task names, from ``tasks.json`` (the allenai/ScienceWorld task table)."""
+    with open(Path(data_dir) / "tasks.json", encoding="utf-8") as f:
+        return frozenset(row["task_name"] for row in json.load(f))
+
+
+def eto_to_package_name(eto_name: str, data_dir: Optional[str] = None) -> str:
+    """``task-6-lifespan-(longest-lived)`` -> ``lifespan-longest-lived``; fails on unknown names."""
+    m = _ETO_PREFIX.match(eto_name)
+    if m is None:
+        raise ValueError(f"not an ETO ScienceWorld task name (no 'task-<id>-' prefix): {eto_name!r}")
+    name = eto_name[m.end():].replace("(", "").replace(")", "")
+    for wrong, right in _ETO_SPELLING_FIXES.items():
+        name = name.replace(wrong, right)
+    valid = package_task_names(str(data_dir or DEFAULT_DATA_DIR))
+    if name not in valid:
+        raise ValueError(
+            f"ETO task name {eto_name!r} maps to {name!r}, which is not a task_name in tasks.json "
+            f"(known: {', '.join(sorted(valid))})"
+        )
+    return name
+
+
+# --------------------------------------------------------------------------- task (trainer side)
+def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """``cfg.key`` for a DictConfig or a dataclass; ``default`` when absent, None or MISSING."""
+    from omegaconf.errors import MissingMandatoryValue  # trainer side only: workers never call this
+
+    try:
+        value = getattr(cfg, key)
+    except (AttributeError, KeyError, MissingMandatoryValue):
+        return default
+    if value is None or value == "???":  # "???" is omegaconf's MISSING on a plain dataclass
+        return default
+    return value
+
+
+def resolve_data_dir(data_dir: Optional[str]) -> Path:
+    """Relative paths are relative to the repository root, so runs work from any cwd."""
+    if not data_dir:
+        return DEFAULT_DATA_DIR
+    path = Path(data_dir).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+PREAMBLE = """\
+You are an agent in ScienceWorld, a text simulation of a house with a kitchen, a greenhouse, a workshop and an outdoor area, where science tasks are carried out.
+Each turn you send one action and the environment tells you what happened. Actions (OBJ and LOC are names as they appear in observations):
+- look around (describe the room) | look at OBJ | look in OBJ | read OBJ | inventory
+- go to LOC (an adjacent room) | teleport to LOC (when allowed) | open OBJ / close OBJ, e.g. open door to kitchen
+- pick up OBJ | put down OBJ | move OBJ to OBJ, e.g. move apple to red box
+- focus on OBJ: marks the object your task is about; focusing on a wrong object fails the task, so do it only when sure
+- activate OBJ / deactivate OBJ | use OBJ on OBJ | pour OBJ into OBJ | mix OBJ | connect OBJ to OBJ | eat OBJ
+- wait1 (one time step passes) | wait (ten time steps pass)
+If the environment lists numbered options for an ambiguous action, answer with the number.
+Reply with one action."""
+
+
+@register_task("scienceworld")
+class ScienceWorldTask(Task):
+    # Config fields an expert trajectory depends on (the expert cache key, see stepagent.data.experts).
+    expert_cache_fields: Tuple[str, ...] = ("simplification", "env_step_limit")
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self.data_dir = resolve_data_dir(_cfg_get(cfg, "data_dir"))
+        with open(self.data_dir / "max_steps.json", encoding="utf-8") as f:
+            self._eto_max_steps: Dict[str, int] = json.load(f)
+        # Every ETO task with a step limit is a valid task type; map them all now so a bad
+        # table fails at start-up, not when some split is first read.
+        self._eto_to_type = {n: eto_to_package_name(n, str(self.data_dir)) for n in self._eto_max_steps}
+
+    @property
+    def task_types(self) -> List[str]:
+        return sorted(set(self._eto_to_type.values()))
+
+    def _selected_types(self) -> Optional[set]:
+        wanted = _cfg_get(self.cfg, "task_types")
+        if wanted is None:
+            return None
+        wanted = [str(t) for t in wanted]
+        unknown = sorted(set(wanted) - set(self.task_types))
+        if unknown:
+            raise ValueError(
+                f"unknown ScienceWorld task type(s) {unknown}; valid: {', '.join(self.task_types)}"
+            )
+        return set(wanted)
+
+    def instances(self, split: str) -> List[TaskInstance]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        with open(self.data_dir / f"{split}_indices.json", encoding="utf-8") as f:
+            pairs = json.load(f)
+        types = self._selected_types()
+        cap = _cfg_get(self.cfg, "train_per_type" if split == "train" else "eval_per_type")
+        max_steps_override = _cfg_get(self.cfg, "max_steps")
+
+        out: List[TaskInstance] = []
+        per_type: Dict[str, int] = {}
+        for eto_name, variation in pairs:  # file order: caps keep the first N, deterministically
+            if eto_name not in self._eto_to_type:
+                raise ValueError(f"{split}_indices.json: task {eto_name!r} has no entry in max_steps.json")
+            task_type = self._eto_to_type[eto_name]
+            if types is not None and task_type not in types:
+                continue
+            if cap is not None and per_type.get(task_type, 0) >= int(cap):
+                continue
+            per_type[task_type] = per_type.get(task_type, 0) + 1
+            max_steps = int(max_steps_override or self._eto_max_steps[eto_name])
+            out.append(TaskInstance("scienceworld", task_type, str(int(variation)), split, max_steps))
+        return out
+
+    def env_factory(self) -> Callable[[], TextEnv]:
+        return functools.partial(
+            ScienceWorldTextEnv,
+            simplification=str(_cfg_get(self.cfg, "simplification", "easy")),
+            env_step_limit=int(_cfg_get(self.cfg, "env_step_limit", 100)),
+        )
+
+    def preamble(self) -> str:
+        return PREAMBLE
+
+
+# --------------------------------------------------------------------------- env (worker side)
+def _java_error_types() -> Tuple[type, ...]:
+    """Exceptions meaning "Java threw but the JVM is alive" (vs. network errors: JVM gone)."""
+    from py4j.protocol import Py4JJavaError
+
+    return (Py4JJavaError,)
+
+
+def _short(e: BaseException, limit: int = 200) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()[0] if str(e) else type(e).__name__
+    return text[:limit]
+
+
+class ScienceWorldTextEnv(TextEnv):
+    """One ScienceWorld simulator (one JVM), playing one episode at a time."""
+
+    def __init__(self, simplification: str = "easy", env_step_limit: int = 100):
+        self.simplification = simplification
+        self.env_step_limit = env_step_limit
+        self._sim: Any = None  # scienceworld.ScienceWorldEnv, started on first use
+        self._instance: Optional[TaskInstance] = None
+        self._steps = 0
+
+    # -- simulator access
+    def _simulator(self) -> Any:
+        if self._sim is None:
+            from scienceworld import ScienceWorldEnv  # lazy: only ScienceWorld workers need py4j/java
+
+            # py4j logs a full traceback for every failed connection once the JVM is gone;
+            # the pool reports such crashes itself, in one line.
+            logging.getLogger("py4j").setLevel(logging.CRITICAL)
+            self._sim = ScienceWorldEnv("", envStepLimit=self.env_step_limit)
+        return self._sim
+
+    def jvm_pid(self) -> Optional[int]:
+        return None if self._sim is None else int(self._sim._gateway.java_process.pid)
+
+    def _load(self, instance: TaskInstance, gold_path: bool) -> str:
+        """Load ``instance``, make the opening "look around"; return the instruction text."""
+        sim = self._simulator()
+        sim.load(instance.task_type, int(instance.index), self.simplification, generateGoldPath=gold_path)
+        # ScienceWorldEnv.reset() would now call server.reset(), which rebuilds the world that
+        # load() has just built (as long again, ~50 ms), then step("look around") with the
+        # expensive info dict. A fresh load is already at move 0, so only the look is needed.
+        sim.lastStepScore = 0
+        first_obs = sim.server.step("look around")
+        return f"{sim.get_task_description().strip()}\n\n{first_obs.strip()}"
+
+    def _raw_step(self, action: str) -> Tuple[str, int, bool, int]:
+        """(observation, score 0..100 (may be negative), completed, moves), package rules."""
+        sim = self._sim
+        obs = sim.server.step(action)
+        score = int(round(100 * sim.server.getScore()))
+        completed = bool(sim.server.getCompleted())
+        moves = int(sim.get_num_moves())
+        if moves > self.env_step_limit or score < 0:
+            completed = True
+        return obs.strip(), score, completed, moves
+
+    # -- TextEnv
+    def reset(self, instance: TaskInstance) -> str:
+        self._instance = None  # if loading fails, step() must not continue an old episode
+        text = self._load(instance, gold_path=False)
+        self._instance, self._steps = instance, 0
+        return text
+
+    def step(self, action: str) -> StepResult:
+        if self._instance is None:
+            raise RuntimeError("ScienceWorldTextEnv.step() called before reset()")
+        obs, score, completed, moves = self._raw_step(action)
+        self._steps += 1
+        truncated = not completed and self._steps >= self._instance.max_steps
+        info = {
+            "score_raw": score,
+            "moves": moves,
+            "valid": obs != INVALID_ACTION_MSG,
+            "steps": self._steps,
+            "truncated": truncated,
+        }
+        return StepResult(obs, max(score, 0) / 100.0, completed or truncated, info)
+
+    def expert_trajectory(self, instance: TaskInstance) -> Trajectory:
+        """Replay the simulator's gold path; keep it only if it reaches score 100.
+
+        The replay stops at ``done`` (gold paths may carry actions past completion, e.g.
+        ``wait1``). It is not cut at ``instance.max_steps``: the expert shows a full solution.
+        """
+        self._instance = None
+        java_errors = _java_error_types()
+        try:
+            instruction = self._load(instance, gold_path=True)
+            gold = [str(a) for a in self._sim.get_gold_action_sequence()]
+        except java_errors as e:
+            raise ExpertFailure("simulator_error", _short(e)) from None
+        if not gold or gold[0].startswith("ERROR"):
+            raise ExpertFailure("gold_path_empty", gold[0] if gold else "no gold actions")
+
+        steps: List[Step] = []
+        score, done = 0, False
+        try:
+            for action in gold:
+                obs, score, done, _ = self._raw_step(action)
+                steps.append(Step(action=action, observation=obs))
+                if done:
+                    break
+        except java_errors as e:
+            raise ExpertFailure("simulator_error", f"at gold action {len(steps)}: {_short(e)}") from None
+        if score < 100:
+            raise ExpertFailure(
+                "gold_path_score_below_100",
+                f"score {score} after {len(steps)} of {len(gold)} gold actions (done={done})",
+            )
+        return Trajectory(
+            id=instance.id,
+            task="scienceworld",
+            task_type=instance.task_type,
+            instruction=instruction,
+            steps=steps,
+            reward=1.0,
+            source="expert",
+            meta={"variation": int(instance.index), "split": instance.split, "max_steps": instance.max_steps},
+        )
+
+    def close(self) -> None:
+        """Shut the gateway down and make sure the JVM is gone (kill it if it lingers)."""
+        sim, self._sim, self._instance = self._sim, None, None
+        if sim is None:
+            return
+        proc: subprocess.Popen = sim._gateway.java_process
+        try:
+            sim.close()
+        except Exception:  # the JVM may already be dead; all we need is that it ends
+            pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        # ScienceWorldEnv.__del__ calls close() again; make that a no-op on a dead gateway.
+        sim.close = lambda: None
