@@ -8,7 +8,12 @@
 """
 
 import logging
+import os
 import sys
+
+# In log files (SLURM, CI) a progress bar redraws as thousands of lines: draw it rarely.
+if not sys.stderr.isatty():
+    os.environ.setdefault("TQDM_MININTERVAL", "30")
 
 import hydra
 from omegaconf import DictConfig
