@@ -1,0 +1,314 @@
+"""ETO baseline (METHOD.md §3): Song et al. 2024, "Trial and Error: Exploration-Based
+Trajectory Optimization for LLM Agents" (arXiv:2403.02502, ACL 2024).
+
+Starting from the SFT policy, each iteration:
+  1. exploration — the policy plays training tasks (those with an expert trajectory)
+                   in the real environment, ``rollouts_per_task`` times each;
+  2. pairs       — every FAILED agent trajectory τ^a (final reward below the expert's,
+                   not crashed) is paired with the expert trajectory τ^e of the same
+                   task: chosen = τ^e, rejected = τ^a;
+  3. training    — trajectory-level DPO on the pairs:
+
+        L_DPO = -log σ( β [ (log π_θ(τ^e) - log π_ref(τ^e)) - (log π_θ(τ^a) - log π_ref(τ^a)) ] )
+
+                   where log π(τ) = Σ_t log π(a_t | u, a_1, o_1, ..., o_{t-1}) sums the
+                   log-probs of the ACTION tokens of the multi-turn trajectory only
+                   (instruction and observation tokens are context, never scored);
+  4. evaluation and a checkpoint, as in the StepAgent cycles.
+
+What the source says (checked in the official repository, Yifan-Song793/ETO):
+  * Loss: ETO's training phase is plain DPO on (success, failure) trajectory pairs;
+    ``run_eto.sh`` passes only ``--beta`` and ``--learning_rate`` to its DPO trainer and
+    the paper's objective has no SFT/NLL term (the follow-up IPR adds one). Hence
+    ``nll_weight`` defaults to 0.0; set it > 0 to add λ · NLL(τ^e) (mean over the
+    expert's action tokens) as an optional extra.
+  * Reference: each iteration's DPO run uses the policy at the START of the iteration
+    as π_ref (``--ref_model_name_or_path ${cur_model_name}``) -> ``reference:
+    iteration_start``; ``reference: sft`` keeps the SFT policy as π_ref instead.
+  * Each iteration is a fresh training run (new optimizer): so here, a new AdamW.
+  * ``construct_preference.py`` keeps at most len(expert) + 5 agent actions of the
+    rejected trajectory -> ``rejected_extra_steps: 5`` (None: keep all).
+  * Their hyper-parameters (Llama-2-7B, full fine-tuning): iteration 1 β=0.1, lr=1e-6;
+    later iterations β=0.5, lr=5e-7; 3 epochs, 32 pairs per step. The defaults below
+    (lr=1e-4, 1 epoch) match this project's StepAgent step-DPO defaults instead, so
+    the two methods are compared under one training budget.
+
+No second model is kept: reference log-probs are computed once per iteration, before
+any update (for ``sft`` with the SFT values of the trainable parameters swapped in,
+see ``stepagent.algos.stepagent.swapped_trainable``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from stepagent.agent.prompts import Encoded, PromptEncoder
+from stepagent.algos.stepagent import CycleContext, swapped_trainable, trainable_snapshot
+from stepagent.data.trajectory import Trajectory
+from stepagent.eval.evaluate import Episode, run_episodes
+from stepagent.train.dpo import step_dpo_loss
+from stepagent.train.sft import collate, token_logprobs
+
+log = logging.getLogger(__name__)
+
+Windows = List[Encoded]  # the training sequence(s) of one trajectory (see encode_trajectory)
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class ETOConfig:
+    beta: float = 0.1
+    lr: float = 1e-4
+    epochs: int = 1  # passes over the iteration's pairs
+    batch_size: int = 4  # pairs per optimizer step
+    micro_batch_size: Optional[int] = None  # pairs per forward/backward (None: the whole batch)
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    reference: str = "iteration_start"  # iteration_start | sft : which policy is π_ref
+    tasks_per_iteration: Optional[int] = 32  # training tasks explored per iteration (None: all)
+    rollouts_per_task: int = 1
+    temperature: float = 1.0  # exploration sampling temperature
+    rejected_extra_steps: Optional[int] = 5  # keep ≤ len(τ^e) + this many agent actions (None: all)
+    nll_weight: float = 0.0  # λ of an optional NLL term on τ^e; 0 = ETO as published
+
+
+# ----------------------------------------------------------------------------- log π(τ)
+def trajectory_logprob_batches(
+    model, encoded_list: Sequence[Windows], pad_id: int, batch_size: Optional[int] = None
+) -> torch.Tensor:
+    """log π(τ) for each trajectory: the sum of its action-token log-probs, over all its
+    windows. Shape [N]; differentiable (wrap in ``torch.no_grad`` for reference values).
+    ``batch_size`` trajectories go through the model per forward pass (None: all at once)."""
+    device = next(model.parameters()).device
+    bs = batch_size or max(len(encoded_list), 1)
+    out: List[torch.Tensor] = []
+    for start in range(0, len(encoded_list), bs):
+        chunk = encoded_list[start : start + bs]
+        windows = [w for wins in chunk for w in wins]
+        owner = torch.tensor([i for i, wins in enumerate(chunk) for _ in wins], device=device)
+        batch = {k: v.to(device) for k, v in collate(windows, pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        lp = token_logprobs(logits, batch["input_ids"])  # [W, T-1]: position j scores token j+1
+        per_window = (lp * batch["loss_mask"][:, 1:]).sum(-1)  # Σ over action tokens only
+        out.append(torch.zeros(len(chunk), dtype=lp.dtype, device=device).index_add(0, owner, per_window))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def action_token_count(windows: Windows) -> int:
+    return sum(sum(w.action_mask) for w in windows)
+
+
+# ----------------------------------------------------------------------------- the loss
+def eto_loss(
+    pi_e: torch.Tensor,
+    pi_a: torch.Tensor,
+    ref_e: torch.Tensor,
+    ref_a: torch.Tensor,
+    beta: float,
+    nll_weight: float = 0.0,
+    num_pairs: Optional[int] = None,
+    num_expert_tokens: Optional[int] = None,
+) -> torch.Tensor:
+    """Trajectory-level DPO (+ optional NLL on the expert) for a chunk of pairs:
+
+        L = 1/B Σ_pairs -log σ(β [(log π_θ(τ^e) - log π_ref(τ^e)) - (log π_θ(τ^a) - log π_ref(τ^a))])
+            + λ · (-Σ_pairs log π_θ(τ^e)) / #expert action tokens
+
+    ``num_pairs`` (B) and ``num_expert_tokens`` are the whole minibatch's counts when it is
+    processed in micro-batches (so the accumulated gradient is the minibatch's); by
+    default the chunk's own."""
+    B = num_pairs or len(pi_e)
+    dpo, _ = step_dpo_loss(pi_e, pi_a, ref_e, ref_a, beta)  # mean over the chunk: same formula
+    loss = dpo * (len(pi_e) / B)
+    if nll_weight:
+        loss = loss + nll_weight * (-pi_e.sum()) / max(num_expert_tokens or 1, 1)
+    return loss
+
+
+# ----------------------------------------------------------------------------- pairs
+def eto_pairs(
+    experts_by_instance_id: Mapping[str, Trajectory], episodes: Sequence[Episode]
+) -> List[Tuple[Trajectory, Episode]]:
+    """(τ^e, τ^a) for every agent episode that failed: final reward below the expert's,
+    not crashed (a crash says nothing about the policy), at least one action."""
+    pairs = []
+    for ep in episodes:
+        expert = experts_by_instance_id.get(ep.instance.id)
+        if expert is None or ep.crashed or not ep.actions:
+            continue
+        if ep.score < expert.reward - 1e-9:
+            pairs.append((expert, ep))
+    return pairs
+
+
+def encode_pair(
+    encoder: PromptEncoder, expert: Trajectory, agent: Episode, max_len: int, extra_steps: Optional[int]
+) -> Tuple[Windows, Windows]:
+    """Training sequences of (chosen, rejected). The agent trajectory is cut to
+    len(τ^e) + ``extra_steps`` actions, as ETO's construct_preference.py does."""
+    n = len(agent.actions) if extra_steps is None else min(len(agent.actions), len(expert.steps) + extra_steps)
+    chosen = encoder.encode_trajectory(expert.instruction, expert.actions,
+                                       [s.observation for s in expert.steps], max_len)
+    rejected = encoder.encode_trajectory(agent.instruction, agent.actions[:n], agent.observations[:n], max_len)
+    return chosen, rejected
+
+
+@torch.no_grad()
+def pair_logprobs(model, pairs_encoded: Sequence[Tuple[Windows, Windows]], pad_id: int, batch_size: int) -> torch.Tensor:
+    """[N, 2] log π(τ^e), log π(τ^a) of every pair, no grad (reference values)."""
+    was = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(pairs_encoded), batch_size):
+        chunk = pairs_encoded[i : i + batch_size]
+        lp = trajectory_logprob_batches(model, [c for c, _ in chunk] + [r for _, r in chunk], pad_id)
+        out.append(torch.stack([lp[: len(chunk)], lp[len(chunk) :]], dim=1).cpu())
+    model.train(was)
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+# ----------------------------------------------------------------------------- training
+def reflect_eto(
+    model, opt, pairs_encoded: Sequence[Tuple[Windows, Windows]], ref_logps: torch.Tensor, ecfg, pad_id: int,
+    seed: int, progress: bool = True,
+) -> Dict[str, float]:
+    """Trajectory-level DPO epochs over the pairs. ``ecfg``: the ETO config (``cfg.eto``);
+    ``ref_logps``: [N, 2] reference log π(τ^e), log π(τ^a). Returns mean diagnostics
+    over optimizer steps (``dpo/loss``, accuracy, reward_chosen/rejected, margin, ...)."""
+    rng = random.Random(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    micro = ecfg.micro_batch_size or ecfg.batch_size
+    sums: Dict[str, float] = defaultdict(float)
+    n_steps = 0
+    model.train()
+    total = ecfg.epochs * ((len(pairs_encoded) + ecfg.batch_size - 1) // ecfg.batch_size)
+    bar = tqdm(total=total, desc="ETO (trajectory DPO)", disable=not progress, dynamic_ncols=True)
+    for _ in range(ecfg.epochs):
+        order = list(range(len(pairs_encoded)))
+        rng.shuffle(order)
+        for i in range(0, len(order), ecfg.batch_size):
+            idx = order[i : i + ecfg.batch_size]
+            n_tok = sum(action_token_count(pairs_encoded[k][0]) for k in idx)
+            opt.zero_grad(set_to_none=True)
+            pi_e_all, pi_a_all = [], []
+            for j in range(0, len(idx), micro):
+                sub = idx[j : j + micro]
+                lp = trajectory_logprob_batches(
+                    model, [pairs_encoded[k][0] for k in sub] + [pairs_encoded[k][1] for k in sub], pad_id)
+                pi_e, pi_a = lp[: len(sub)], lp[len(sub) :]
+                ref = ref_logps[sub].to(lp.device)
+                loss = eto_loss(pi_e, pi_a, ref[:, 0], ref[:, 1], ecfg.beta, ecfg.nll_weight, len(idx), n_tok)
+                loss.backward()
+                pi_e_all.append(pi_e.detach())
+                pi_a_all.append(pi_a.detach())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, ecfg.max_grad_norm)
+            opt.step()
+            # diagnostics of the whole minibatch, at the parameters it was computed with
+            pi_e, pi_a = torch.cat(pi_e_all), torch.cat(pi_a_all)
+            ref = ref_logps[idx].to(pi_e.device)
+            _, st = step_dpo_loss(pi_e, pi_a, ref[:, 0], ref[:, 1], ecfg.beta)
+            st["nll_chosen"] = -pi_e.sum() / max(n_tok, 1)
+            st["grad_norm"] = grad_norm
+            for k, v in st.items():
+                sums[k] += float(v)
+            n_steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(st['loss']):.3f}", acc=f"{float(st['accuracy']):.2f}")
+    bar.close()
+    model.eval()
+    return {f"dpo/{k}": v / max(n_steps, 1) for k, v in sums.items()} | {"dpo/steps": n_steps}
+
+
+# ----------------------------------------------------------------------------- exploration log
+def write_exploration_jsonl(path: Path, episodes: Sequence[Episode], paired: Sequence[bool]) -> None:
+    """One line per explored episode: what the agent did and what the environment said."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for ep, p in zip(episodes, paired):
+            row = {
+                "id": ep.instance.id,
+                "task_type": ep.instance.task_type,
+                "reward": ep.score,
+                "crashed": ep.crashed,
+                "paired": p,  # became a rejected trajectory
+                "steps": len(ep.actions),
+                "instruction": ep.instruction,
+                "actions": ep.actions,  # as generated
+                "env_actions": ep.env_actions,  # as sent to the environment
+                "observations": ep.observations,
+            }
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------- the iterations
+def run_eto_iterations(ctx: CycleContext, pool, progress: bool = True) -> List[Dict[str, Any]]:
+    """``cfg.cycles`` ETO iterations; rows shaped like ``run_stepagent_cycles``'s."""
+    cfg, ecfg, model, tok = ctx.cfg, ctx.cfg.eto, ctx.policy.model, ctx.policy.tokenizer
+    if ecfg.reference not in ("iteration_start", "sft"):
+        raise ValueError(f"eto.reference must be iteration_start or sft, got {ecfg.reference!r}")
+    pad = tok.pad_token_id
+    params = [p for p in model.parameters() if p.requires_grad]
+    sft_params = trainable_snapshot(model) if ecfg.reference == "sft" else None
+    experts = {t.id: t for t in ctx.experts}
+    candidates = [inst for inst in ctx.task.instances("train") if inst.id in experts]
+    if not candidates:
+        raise ValueError("ETO: no training instance has an expert trajectory (ids must match)")
+
+    history: List[Dict[str, Any]] = []
+    for it in range(1, cfg.cycles + 1):
+        cdir = ctx.run_dir / "cycles" / f"cycle_{it}"
+        rng = random.Random(cfg.seed * 1000 + it)
+        n = ecfg.tasks_per_iteration
+        tasks = rng.sample(candidates, min(n, len(candidates))) if n else list(candidates)
+
+        # 1. Exploration: the current policy plays each task K times.
+        rollouts = [inst for inst in tasks for _ in range(ecfg.rollouts_per_task)]
+        episodes = run_episodes(model, tok, ctx.encoder, ctx.task, rollouts, pool, cfg.policy.max_new_tokens,
+                                ecfg.temperature, progress, desc=f"iteration {it} exploration")
+
+        # 2. Failure / expert pairs, written next to every explored trajectory.
+        pairs = eto_pairs(experts, episodes)
+        paired_ids = {id(a) for _, a in pairs}
+        write_exploration_jsonl(cdir / "exploration.jsonl", episodes, [id(ep) in paired_ids for ep in episodes])
+        encoded = [encode_pair(ctx.encoder, e, a, cfg.policy.max_seq_len, ecfg.rejected_extra_steps)
+                   for e, a in pairs]
+
+        # 3. Reference log-probs before any update, then trajectory DPO (a fresh optimizer
+        #    per iteration: ETO runs each iteration as a new DPO training run).
+        with swapped_trainable(model, sft_params):
+            ref = pair_logprobs(model, encoded, pad, ecfg.micro_batch_size or ecfg.batch_size)
+        stats: Dict[str, Any] = {}
+        if encoded:
+            opt = torch.optim.AdamW(params, lr=ecfg.lr, weight_decay=ecfg.weight_decay)
+            stats = reflect_eto(model, opt, encoded, ref, ecfg, pad, seed=cfg.seed + it, progress=progress)
+
+        # 4. Evaluation and checkpoint.
+        summary = ctx.evaluate(f"eval_cycle_{it}")
+        model.save_pretrained(str(ctx.run_dir / "checkpoints" / f"cycle_{it}"))
+        rewards = [ep.score for ep in episodes]
+        row = {
+            "cycle": it,
+            "eto/explore_reward": sum(rewards) / max(len(rewards), 1),
+            "eto/explore_success_rate": sum(r >= 1.0 - 1e-9 for r in rewards) / max(len(rewards), 1),
+            "eto/explore_crashed": sum(ep.crashed for ep in episodes),
+            "eto/episodes": len(episodes),
+            "eto/pairs": len(pairs),
+            "eval/reward_x100": summary["overall"]["reward_x100"],
+            "eval/success_rate": summary["overall"]["success_rate"],
+            **stats,
+        }
+        ctx.logger.log(row)
+        (cdir / "metrics.json").write_text(json.dumps(row, indent=1))
+        log.info("ETO iteration %d: explore reward %.3f, %d pairs, dev reward %.1f", it,
+                 row["eto/explore_reward"], len(pairs), summary["overall"]["reward_x100"])
+        history.append(row)
+    return history
