@@ -1,0 +1,315 @@
+"""PPO pieces shared by the PPO-based arms (reward=inverse, reward=outcome, LOOP).
+
+Pure functions, tensors in and tensors out; the training loops live elsewhere.
+
+Symbols (METHOD.md §1, §2):
+    π_θ        the policy being optimised          logp     = log π_θ(y_j | x, y_<j)
+    π_old      the policy that sampled the data    logp_old = log π_old(y_j | ...)
+    π_ref      the KL anchor (SFT / cycle start)   logp_ref = log π_ref(y_j | ...)
+    r_j        per-token ratio exp(logp - logp_old)
+    A          advantage, ε clip range, γ discount, λ GAE parameter
+
+Every "mean" below is over *generated* tokens only (``mask = 1``): instruction,
+observation and padding tokens are context, never targets (LOOP: per-token
+ratio, loss averaged over generated tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stepagent.train.packing import Packed, collate_packed
+from stepagent.train.sft import token_logprobs
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ x·m / Σ m (0 when the mask is empty, instead of NaN)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------- KL
+def kl_estimate(logp: torch.Tensor, logp_ref: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token estimator of KL(π || π_ref) from samples y ~ π (Schulman, "Approximating KL").
+
+    With log ρ = logp_ref - logp = log π_ref(y)/π(y):
+        k1 = -log ρ                      unbiased, high variance, can be negative
+        k2 = ½ (log ρ)²                  biased, low variance, ≥ 0
+        k3 = (ρ - 1) - log ρ             unbiased, low variance, ≥ 0
+    """
+    log_rho = logp_ref - logp
+    if kind == "k1":
+        return -log_rho
+    if kind == "k2":
+        return 0.5 * log_rho.pow(2)
+    if kind == "k3":
+        # expm1 is exact near 0, where ρ - 1 would lose precision.
+        return torch.expm1(log_rho) - log_rho
+    raise ValueError(f"unknown KL estimator {kind!r} (k1 | k2 | k3)")
+
+
+# ----------------------------------------------------------------------------- policy loss
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Clipped surrogate with a per-token ratio, averaged over generated tokens.
+
+        r_j  = exp(logp_j - logp_old_j)
+        L    = - mean_{j: mask_j=1}  min( r_j A_j , clip(r_j, 1-ε, 1+ε) A_j )
+
+    ``logp``, ``logp_old``, ``mask``: [B, T]; ``advantages``: [B, T], or [B] (one value
+    per sequence/turn, broadcast to its tokens). Stats (detached): ``clip_frac`` (tokens
+    with |r-1| > ε), ``approx_kl`` (k3 estimate of KL(π_old || π_θ), samples from π_old),
+    ``ratio_mean``.
+    """
+    if advantages.dim() == logp.dim() - 1:
+        advantages = advantages.unsqueeze(-1)
+    advantages = advantages.expand_as(logp)
+    log_ratio = logp - logp_old
+    ratio = torch.exp(log_ratio)
+    surr1 = ratio * advantages
+    surr2 = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    loss = -_masked_mean(torch.min(surr1, surr2), mask)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": _masked_mean(((ratio - 1.0).abs() > clip_eps).float(), mask),
+            # samples are from π_old, so KL(π_old || π_θ) = kl_estimate(logp_old, logp)
+            "approx_kl": _masked_mean(kl_estimate(logp_old, logp, "k3"), mask),
+            "ratio_mean": _masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean token entropy  H = -Σ_v p_v log p_v  over positions with ``mask = 1``.
+
+    ``logits`` [B, T, V], ``mask`` [B, T] (the position whose distribution is scored).
+    One row at a time, and only its masked positions, so the float32 softmax never
+    materialises [B, T, V] at once (V is 128k for Llama-3).
+    """
+    total = logits.new_zeros((), dtype=torch.float32)
+    count = 0
+    for b in range(logits.shape[0]):
+        rows = logits[b][mask[b] > 0]
+        if rows.numel() == 0:
+            continue
+        logq = F.log_softmax(rows.float(), dim=-1)
+        total = total + -(logq.exp() * logq).sum()
+        count += rows.shape[0]
+    return total / max(count, 1)
+
+
+def value_loss(
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    values_old: Optional[torch.Tensor] = None,
+    clip: Optional[float] = None,
+) -> torch.Tensor:
+    """Critic regression, optionally clipped around the sampling-time values (PPO2):
+
+        L_V = ½ mean_j max( (V_j - R_j)², (V_old_j + clip(V_j - V_old_j, -c, c) - R_j)² )
+
+    without ``values_old``/``clip``: ½ mean_j (V_j - R_j)².
+    """
+    err = (values - returns).pow(2)
+    if values_old is not None and clip is not None:
+        v_clipped = values_old + torch.clamp(values - values_old, -clip, clip)
+        err = torch.max(err, (v_clipped - returns).pow(2))
+    return 0.5 * _masked_mean(err, mask)
+
+
+# ----------------------------------------------------------------------------- advantages
+def loo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out baseline within each group (LOOP; RLOO):
+
+        A_k = R_k - 1/(n-1) Σ_{i≠k, i∈g(k)} R_i,     n = |g(k)|
+
+    A group is the K samples of one state (step-wise) or one task (trajectory-wise).
+    No division by the standard deviation (LOOP reports it hurts). Groups of size 1
+    have no baseline: A = 0.
+    """
+    rewards = rewards.float()
+    _, inv = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(inv.max()) + 1 if inv.numel() else 0
+    sums = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add(0, inv, rewards)
+    counts = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add(
+        0, inv, torch.ones_like(rewards))
+    n = counts[inv]
+    others = (sums[inv] - rewards) / (n - 1).clamp(min=1)
+    return torch.where(n > 1, rewards - others, torch.zeros_like(rewards))
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    gamma: float,
+    lam: float,
+    dones: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the T per-turn steps of one sequence.
+
+        δ_t = r_t + γ (1 - d_t) V_{t+1} - V_t
+        A_t = δ_t + γ λ (1 - d_t) A_{t+1}            R_t = A_t + V_t
+
+    ``values``: [T+1] (the last entry bootstraps a truncated sequence) or [T] (the
+    sequence ends in a terminal state: V_T = 0). ``dones[t] = 1`` when the episode
+    ended after step t (no bootstrap across it). Returns (advantages [T], returns [T]).
+    """
+    T = rewards.shape[0]
+    if values.shape[0] == T:
+        values = torch.cat([values, values.new_zeros(1)])
+    if values.shape[0] != T + 1:
+        raise ValueError(f"values must have T or T+1 entries, got {values.shape[0]} for T={T}")
+    not_done = torch.ones_like(rewards, dtype=values.dtype) if dones is None else 1.0 - dones.to(values.dtype)
+    adv = torch.zeros(T, dtype=values.dtype, device=values.device)
+    last = values.new_zeros(())
+    for t in reversed(range(T)):
+        delta = rewards[t] + gamma * not_done[t] * values[t + 1] - values[t]
+        last = delta + gamma * lam * not_done[t] * last
+        adv[t] = last
+    return adv, adv + values[:T]
+
+
+def gae_token_level(
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    action_mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GAE over the generated tokens of a multi-turn sequence; observation tokens are skipped.
+
+    Convention. Let j_1 < j_2 < ... < j_M be the positions with ``action_mask = 1``
+    (the tokens the policy generated, over all turns). They form the MDP chain; the
+    environment's tokens in between are part of the transition, not decisions, so
+
+        δ_m = r_{j_m} + γ V_{j_{m+1}} - V_{j_m}       (V_{j_{M+1}} = 0: the episode ends)
+        A_m = δ_m + γ λ A_{m+1}                       R_m = A_m + V_{j_m}
+
+    i.e. the "next value" of the last token of action t is the value at the first token
+    of action t+1. γ and λ apply per generated token. A reward must sit on an action
+    token (usually the last token of a turn); one placed on an observation token is
+    credited to the closest preceding action token (the action that caused it).
+    ``values[j]`` is the critic's value at token j (the value head read on the
+    token's own position). Observation/padding tokens get A = R = 0 and must be
+    excluded from the losses via ``action_mask``.
+
+    All of [L]; returns (advantages [L], returns [L]).
+    """
+    m = action_mask.bool()
+    idx = torch.nonzero(m, as_tuple=False).squeeze(-1)
+    adv = torch.zeros_like(values, dtype=values.dtype)
+    ret = torch.zeros_like(values, dtype=values.dtype)
+    if idx.numel() == 0:
+        return adv, ret
+    # Credit every reward to the last action token at or before it (rewards before the
+    # first action have no action to credit and are dropped).
+    owner = torch.cumsum(m.long(), 0) - 1  # index into idx of the latest action token
+    r = torch.zeros(idx.numel(), dtype=values.dtype, device=values.device)
+    keep = owner >= 0
+    r.index_add_(0, owner[keep], token_rewards[keep].to(values.dtype))
+    a, rt = gae(r, values[idx], gamma, lam)  # V after the last action token: 0 (terminal)
+    adv[idx] = a
+    ret[idx] = rt
+    return adv, ret
+
+
+def drop_small_advantages(adv: torch.Tensor, threshold: float = 0.01) -> torch.Tensor:
+    """Keep-mask: True where |A| ≥ threshold. LOOP drops rollouts with |A| < 0.01 — they
+    carry (almost) no gradient signal but still cost a forward/backward pass."""
+    return adv.abs() >= threshold
+
+
+# ----------------------------------------------------------------------------- value head
+class ValueHead(nn.Module):
+    """V(x_≤j): a linear map of the LM's last hidden state to one scalar per token.
+
+    Kept in float32 whatever the LM's dtype: values/returns are regressed in float32.
+    Small init so the initial values are ≈ 0 and do not dominate the first advantages.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.proj.weight, std=1.0 / (hidden_size + 1))
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] → [B, T]."""
+        return self.proj(hidden_states.to(self.proj.weight.dtype)).squeeze(-1)
+
+
+def forward_with_values(model, value_head: ValueHead, **inputs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One causal-LM forward giving (logits [B, T, V], values [B, T]).
+
+    Uses ``output_hidden_states=True``; the last entry is the final (normed) hidden
+    state the LM head also reads. ``inputs`` go to the model (input_ids, attention_mask,
+    position_ids, ...).
+    """
+    out = model(**inputs, output_hidden_states=True, use_cache=False)
+    return out.logits, value_head(out.hidden_states[-1])
+
+
+# ----------------------------------------------------------------------------- log-probs
+def masked_token_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(log π(x_{j+1} | x_≤j) [B, T-1], target mask [B, T-1]).
+
+    Position j predicts token j+1 (``sft.token_logprobs``); ``mask`` is over tokens
+    ([B, T], 1 on generated ones), so the target mask is ``mask[:, 1:]``. Log-probs of
+    non-targets are zeroed so a stray sum cannot pick them up.
+    """
+    m = mask[:, 1:].to(torch.float32)
+    return token_logprobs(logits, input_ids) * m, m
+
+
+def packed_token_logprobs(
+    model, packs: Sequence[Packed], pad_id: int, with_entropy: bool = False
+) -> Tuple[List[List[torch.Tensor]], Optional[List[List[torch.Tensor]]]]:
+    """Per-token log-probs of every action slot of packed sequences (one forward pass).
+
+    Returns ``(logps, entropies)``: ``logps[b][i]`` is a 1D tensor of the log-probs of
+    ``packs[b].slots[i]``'s tokens, in order; ``entropies`` has the same layout (the
+    entropy of the distribution each of those tokens was drawn from) or is None.
+    Same rows as ``packing.action_logprobs`` (logit row ``preds[j]`` scores token
+    ``targets[j]``), so ``logps[b][i].sum()`` is that slot's ``packed_forward`` value.
+    """
+    dtype = next(model.parameters()).dtype
+    dev = next(model.parameters()).device
+    batch = collate_packed(packs, pad_id, dtype=dtype if dtype.is_floating_point else torch.float32)
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], use_cache=False).logits
+    rows_b, rows_p, sizes = [], [], []
+    for b, p in enumerate(packs):
+        for s in p.slots:
+            rows_b.extend([b] * len(s.targets))
+            rows_p.extend(s.preds)
+            sizes.append(len(s.targets))
+    rb = torch.tensor(rows_b, dtype=torch.long, device=dev)
+    tok = batch["input_ids"][rb, torch.tensor([t for p in packs for s in p.slots for t in s.targets],
+                                              dtype=torch.long, device=dev)]
+    # Only the rows that predict an action token go through the float32 log_softmax.
+    logq = F.log_softmax(logits[rb, torch.tensor(rows_p, dtype=torch.long, device=dev)].float(), dim=-1)
+    lp = logq.gather(-1, tok[:, None]).squeeze(-1)
+    ent = -(logq.exp() * logq).sum(-1) if with_entropy else None
+
+    def _nest(flat: torch.Tensor) -> List[List[torch.Tensor]]:
+        per_slot = list(torch.split(flat, sizes))
+        out, k = [], 0
+        for p in packs:
+            out.append(per_slot[k : k + len(p.slots)])
+            k += len(p.slots)
+        return out
+
+    return _nest(lp), (_nest(ent) if ent is not None else None)

@@ -1,0 +1,129 @@
+"""GAIL discriminator: pairs from inspection segments, balanced batches, learns a separable
+set of (state, action) pairs, reward forms."""
+
+import random
+
+import pytest
+import torch
+
+from stepagent.agent.prompts import PromptEncoder
+from stepagent.algos.discriminator import (
+    AGENT,
+    EXPERT,
+    Discriminator,
+    DiscriminatorConfig,
+    accuracy,
+    balanced_batches,
+    build_pairs,
+    disc_logits,
+    step_rewards,
+    train_discriminator,
+)
+from stepagent.algos.inspection import Segment
+from stepagent.algos.stepagent import build_packs
+from stepagent.data.trajectory import Step, Trajectory
+
+AGENT_NONSENSE = ["eat the table", "xyzzy look", "sing to the wall", "throw red box at air"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add sync cost (100x on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _data(traj):
+    trajs = [traj, Trajectory(
+        id="scienceworld/find-animal/1", task="scienceworld", task_type="find-animal",
+        instruction="Your task is to find a(n) animal. First, focus on the thing.\n\n"
+                    "This room is called the kitchen. In it, you see: the agent, a red box.",
+        steps=[Step("look around", "You see a dove egg."), Step("pick up dove", "You move the dove to the inventory."),
+               Step("move egg dove egg in inventory to red box", "You move the dove to the red box.")],
+        reward=1.0)]
+    segs = {}
+    for i, tr in enumerate(trajs):
+        segs[tr.id] = []
+        for t, st in enumerate(tr.steps):
+            # two nonsense actions per step, plus one copy of the expert action (a match)
+            bad = [AGENT_NONSENSE[(i + t + j) % len(AGENT_NONSENSE)] for j in range(2)]
+            acts = [bad[0], st.action, bad[1]]
+            segs[tr.id].append(Segment(tr.id, t, st.action, acts, [False, True, False]))
+    return trajs, segs
+
+
+def _disc(tok, seed=0):
+    torch.manual_seed(seed)
+    cfg = DiscriminatorConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_len=96)
+    return Discriminator.for_tokenizer(tok, cfg)
+
+
+def test_build_pairs_drops_matches_and_aligns_with_packs(tiny_tokenizer, sample_trajectory):
+    enc = PromptEncoder(tiny_tokenizer, max_prompt_tokens=4096)
+    trajs, segs = _data(sample_trajectory)
+    expert, agent = build_pairs(enc, trajs, segs, max_len=96)
+    assert len(expert) == 6 and len(agent) == 12  # the matching copy is in neither class
+    assert {p.label for p in expert} == {EXPERT} and {p.label for p in agent} == {AGENT}
+    assert all(len(p.ids) <= 96 for p in expert + agent)
+    # left truncation keeps the action whole: the pair ends with the action's ids
+    p = next(q for q in agent if q.traj_id == trajs[0].id and q.step == 2 and q.sample == 1)
+    a = segs[trajs[0].id][2].agent_actions[2]
+    assert p.ids[-len(enc.encode_action(a)):] == enc.encode_action(a)
+    # (traj, step, sample) of agent pairs == the agent slots build_packs creates
+    packs = build_packs(enc, trajs, segs, max_len=4096)
+    slots = {(tr.id, s.step, s.sample) for tr, pk in zip(trajs, packs) for s in pk.slots if s.sample >= 0}
+    assert slots == {(q.traj_id, q.step, q.sample) for q in agent}
+
+
+def test_balanced_batches_half_half():
+    rng = random.Random(0)
+    batches = list(balanced_batches(3, 10, 4, rng))
+    assert len(batches) == 5
+    assert all(len(e) == 2 and len(a) == 2 for e, a in batches)
+    assert sorted(i for _, a in batches for i in a) == list(range(10))  # larger class: each once
+    assert all(0 <= i < 3 for e, _ in batches for i in e)  # smaller class: with replacement
+    batches = list(balanced_batches(7, 2, 4, rng))  # expert is the larger class; last batch topped up
+    assert len(batches) == 4 and all(len(e) == 2 and len(a) == 2 for e, a in batches)
+    assert set(range(7)) <= {i for e, _ in batches for i in e}
+
+
+def test_discriminator_separates_and_rewards(tiny_tokenizer, sample_trajectory):
+    enc = PromptEncoder(tiny_tokenizer, max_prompt_tokens=4096)
+    trajs, segs = _data(sample_trajectory)
+    expert, agent = build_pairs(enc, trajs, segs, max_len=96)
+    disc = _disc(tiny_tokenizer)
+    n_params = sum(p.numel() for p in disc.parameters())
+    assert n_params < 100_000
+    before = accuracy(disc, expert, agent)
+    opt = torch.optim.AdamW(disc.parameters(), lr=3e-3)
+    st = train_discriminator(disc, opt, expert, agent, epochs=25, batch_size=8, seed=0)
+    after = accuracy(disc, expert, agent)
+    assert st["steps"] == 25 * 3 and st["acc"] > 0.9, st
+    assert after["acc"] > 0.9 and after["acc_expert"] > 0.9 and after["acc_agent"] > 0.9, (before, after)
+
+    # gail: r = -log D is larger on expert-like pairs (D → 0) than on agent pairs (D → 1)
+    r_e, r_a = step_rewards(disc, expert, "gail"), step_rewards(disc, agent, "gail")
+    assert torch.all(r_e >= 0) and torch.all(r_a >= 0)
+    assert r_e.mean() > r_a.mean() and r_e.min() > r_a.max()
+    # airl: exactly -logit; batch normalisation: zero mean, unit std
+    assert torch.equal(step_rewards(disc, agent, "airl"), -disc_logits(disc, agent))
+    rn = step_rewards(disc, expert + agent, "gail", normalize="batch")
+    assert abs(rn.mean().item()) < 1e-5 and abs(rn.std(unbiased=False).item() - 1) < 1e-4
+    assert torch.allclose(step_rewards(disc, agent, "gail"),
+                          torch.nn.functional.softplus(-disc_logits(disc, agent)))
+
+
+def test_forward_reads_last_non_pad_token(tiny_tokenizer):
+    disc = _disc(tiny_tokenizer).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    full = disc(ids, torch.ones_like(ids))
+    padded = torch.tensor([[5, 6, 7, 8, 9, 0, 0], [5, 6, 7, 0, 0, 0, 0]])
+    attn = (torch.arange(7)[None] < torch.tensor([[5], [3]])).long()
+    out = disc(padded, attn)
+    assert out.shape == (2,)
+    assert torch.allclose(out[0], full[0], atol=1e-5)
+    assert torch.allclose(out[1], disc(ids[:, :3], torch.ones(1, 3, dtype=torch.long))[0], atol=1e-5)
+    no_agent = train_discriminator(disc, torch.optim.SGD(disc.parameters(), lr=0.1), [], [], 1, 4, 0)
+    assert no_agent["steps"] == 0
