@@ -173,7 +173,93 @@ class ImplicitRewardConfig(RewardConfig):
     weight_decay: float = 0.0
 
 
-REWARD_SCHEMAS: Dict[str, type] = {"none": NoRewardConfig, "implicit": ImplicitRewardConfig}
+@dataclass
+class InverseRewardConfig(RewardConfig):
+    """GAIL: a discriminator D(s, a) (D -> 1 on agent pairs) gives the step reward; PPO updates the policy."""
+
+    name: str = "inverse"
+    form: str = "gail"  # gail: r = -log D(s,a) | airl: r = log D_E - log(1 - D_E) = -logit D(s,a)
+    normalize: Optional[str] = "batch"  # None | batch: zero mean, unit std over the cycle's agent samples
+    disc_hidden_size: int = 128  # the discriminator: a separate small Llama encoder + scalar head
+    disc_num_layers: int = 2
+    disc_num_heads: int = 4
+    disc_max_len: int = 512  # (state + action) tokens, left-truncated
+    disc_lr: float = 3e-4
+    disc_epochs: int = 2
+    disc_batch_size: int = 16
+
+
+@dataclass
+class OutcomeRewardConfig(RewardConfig):
+    """Ablation: the same PPO, on the agent's own rollouts, final environment score as the only reward."""
+
+    name: str = "outcome"
+
+
+REWARD_SCHEMAS: Dict[str, type] = {
+    "none": NoRewardConfig,
+    "implicit": ImplicitRewardConfig,
+    "inverse": InverseRewardConfig,
+    "outcome": OutcomeRewardConfig,
+}
+
+
+# ----------------------------------------------------------------------------- algorithm
+@dataclass
+class AlgoConfig:
+    name: str = MISSING  # stepagent | sft | loop | eto
+
+
+@dataclass
+class StepAgentAlgoConfig(AlgoConfig):
+    name: str = "stepagent"
+
+
+@dataclass
+class SFTAlgoConfig(AlgoConfig):
+    name: str = "sft"
+
+
+@dataclass
+class LoopAlgoConfig(AlgoConfig):
+    """LOOP (METHOD.md §2): K rollouts per task, leave-one-out advantage, per-token PPO, no KL."""
+
+    name: str = "loop"
+
+
+@dataclass
+class ETOAlgoConfig(AlgoConfig):
+    """ETO: explore, pair failed rollouts with the expert trajectory, trajectory-level DPO."""
+
+    name: str = "eto"
+    beta: float = 0.1
+    lr: float = 1e-4
+    epochs: int = 1  # passes over the iteration's pairs
+    batch_size: int = 4  # pairs per optimizer step
+    micro_batch_size: Optional[int] = None  # pairs per forward/backward (None: the whole batch)
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    reference: str = "iteration_start"  # iteration_start | sft : which policy is π_ref
+    tasks_per_iteration: Optional[int] = 32  # training tasks explored per iteration (None: all)
+    rollouts_per_task: int = 1
+    temperature: float = 1.0  # exploration sampling temperature
+    rejected_extra_steps: Optional[int] = 5  # keep <= len(τ^e) + this many agent actions (ETO's cut)
+    nll_weight: float = 0.0  # λ of an optional NLL term on τ^e; 0 = ETO as published
+
+
+ALGO_SCHEMAS: Dict[str, type] = {
+    "stepagent": StepAgentAlgoConfig,
+    "sft": SFTAlgoConfig,
+    "loop": LoopAlgoConfig,
+    "eto": ETOAlgoConfig,
+}
+# Which step rewards each algorithm accepts; anything else fails at start.
+ALGO_REWARDS: Dict[str, tuple] = {
+    "stepagent": ("none", "implicit", "inverse", "outcome"),
+    "sft": ("none",),
+    "loop": ("none",),
+    "eto": ("none",),
+}
 
 
 @dataclass
@@ -194,12 +280,15 @@ class PPOConfig:
     kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman's estimators)
     entropy_coef: float = 0.0
     epochs: int = 2
-    minibatch_size: int = 8
     lr: float = 1e-5
     max_grad_norm: float = 1.0
     advantage: str = "loo"  # loo (leave-one-out over K samples) | gae (value head)
     gamma: float = 1.0
     lam: float = 0.95
+    reference: str = "sft"  # π_ref of the KL term: sft | cycle_start
+    value_coef: float = 0.5  # gae only
+    drop_advantage_below: float = 0.0  # LOOP drops samples with |A| < 0.01
+    batch_size: int = 4  # packed trajectories / rollouts per forward
 
 
 @dataclass
@@ -216,6 +305,7 @@ class LoggerConfig:
 class Config:
     task: Any = MISSING
     policy: Any = MISSING
+    algo: Any = MISSING
     reward: Any = MISSING
     ppo: PPOConfig = MISSING
     inspection: InspectionConfig = field(default_factory=InspectionConfig)
@@ -236,6 +326,13 @@ def validate_policy_config(node: Any) -> Any:
     return _merge_typed(POLICY_SCHEMAS[kind], node, "policy")
 
 
+def _validate_named(node: Any, schemas: Dict[str, type], group: str, key: str) -> Any:
+    name = node.get(key) if isinstance(node, (dict, DictConfig)) else None
+    if name not in schemas:
+        raise ConfigError(f"unknown {group} {name!r}; known: {', '.join(sorted(schemas))}")
+    return _merge_typed(schemas[name], node, group)
+
+
 def validate_reward_config(node: Any) -> Any:
     name = node.get("name") if isinstance(node, (dict, DictConfig)) else None
     if name not in REWARD_SCHEMAS:
@@ -249,10 +346,23 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     task = validate_task_config(cfg.get("task"))
     policy = validate_policy_config(cfg.get("policy"))
     reward = validate_reward_config(cfg.get("reward"))
-    rest = {k: v for k, v in cfg.items() if k not in ("task", "policy", "reward")}
+    algo = _validate_named(cfg.get("algo"), ALGO_SCHEMAS, "algo", "name")
+    if reward.name not in ALGO_REWARDS[algo.name]:
+        raise ConfigError(
+            f"algo={algo.name} does not take reward={reward.name}; it accepts reward="
+            + " | ".join(ALGO_REWARDS[algo.name])
+            + ("" if algo.name == "stepagent" else " (use algo=stepagent for step rewards)")
+        )
+    if (cfg.get("ppo") or {}).get("advantage") == "gae":
+        raise ConfigError(
+            "ppo.advantage=gae: the value head and token-level GAE exist as tested functions "
+            "(stepagent/train/ppo.py) but no trainer uses them yet; use ppo.advantage=loo"
+        )
+    rest = {k: v for k, v in cfg.items() if k not in ("task", "policy", "reward", "algo")}
     typed = _merge_typed(Config, rest, "<root>")
     typed.task = task
     typed.policy = policy
     typed.reward = reward
+    typed.algo = algo
     OmegaConf.set_readonly(typed, True)
     return typed

@@ -32,6 +32,13 @@ from stepagent.train.sft import sft_samples, train_sft
 log = logging.getLogger(__name__)
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (the trainer; environment workers are separate)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -56,6 +63,27 @@ def make_encoder(policy: Policy, cfg, task: Task) -> PromptEncoder:
         max_observation_chars=cfg.policy.max_observation_chars,
         preamble=task.preamble() if cfg.policy.use_task_preamble else "",
     )
+
+
+def run_reflection(cfg, policy, encoder, task, experts, run_dir, logger, run_eval, pool, cache_dir):
+    """The training cycles after SFT, chosen by ``algo`` (and ``reward`` for StepAgent)."""
+    algo, reward = cfg.algo.name, cfg.reward.name
+    if cfg.cycles <= 0 or algo == "sft" or (algo == "stepagent" and reward == "none"):
+        return []
+    heldout: List[Trajectory] = []
+    if cfg.inspection.heldout_trajectories:
+        heldout = load_or_build_experts(task, cfg.eval.split, cache_dir, task.num_workers)
+        heldout = heldout[: cfg.inspection.heldout_trajectories]
+    ctx = CycleContext(cfg, policy, encoder, task, experts, heldout, run_dir, logger, run_eval, pool)
+    if algo == "eto":
+        from stepagent.algos.eto import run_eto_iterations
+
+        return run_eto_iterations(ctx, pool)
+    if algo == "loop" or reward == "outcome":
+        from stepagent.algos.rollout_ppo import run_rollout_ppo_cycles
+
+        return run_rollout_ppo_cycles(ctx)
+    return run_stepagent_cycles(ctx)
 
 
 def run(raw_cfg: DictConfig) -> Dict[str, Any]:
@@ -107,24 +135,20 @@ def _run(cfg, run_dir: Path, logger: RunLogger) -> Dict[str, Any]:
             policy.tokenizer.save_pretrained(str(run_dir / "checkpoints" / "sft"))
         summaries["sft" if cfg.sft.enabled else "policy"] = run_eval("eval_sft" if cfg.sft.enabled else "eval")
 
-        cycles: List[Dict[str, Any]] = []
-        if cfg.reward.name != "none" and cfg.cycles > 0:
-            heldout = []
-            if cfg.inspection.heldout_trajectories:
-                heldout = load_or_build_experts(task, cfg.eval.split, cache_dir, task.num_workers)
-                heldout = heldout[: cfg.inspection.heldout_trajectories]
-            ctx = CycleContext(cfg, policy, encoder, task, experts, heldout, run_dir, logger, run_eval)
-            cycles = run_stepagent_cycles(ctx)
-            for row in cycles:
-                summaries[f"cycle {row['cycle']}"] = json.loads(
-                    (run_dir / f"eval_cycle_{row['cycle']}.json").read_text())["summary"]
+        cycles = run_reflection(cfg, policy, encoder, task, experts, run_dir, logger, run_eval, pool, cache_dir)
+        for row in cycles:
+            summaries[f"cycle {row['cycle']}"] = json.loads(
+                (run_dir / f"eval_cycle_{row['cycle']}.json").read_text())["summary"]
 
     table = markdown_table(summaries)
     (run_dir / "results.md").write_text(
         f"# {cfg.task.name} / {cfg.eval.split} split\n\n{table}\n"
     )
+    resources = {"peak_rss_mb": peak_rss_mb(), "policy_parameters": policy.num_parameters(),
+                 "trainable_parameters": policy.num_parameters(trainable_only=True)}
+    logger.log({f"resources/{k}": v for k, v in resources.items()})
     (run_dir / "results.json").write_text(
-        json.dumps({"summaries": summaries, "sft": stats, "cycles": cycles}, indent=1))
+        json.dumps({"summaries": summaries, "sft": stats, "cycles": cycles, "resources": resources}, indent=1))
     print(f"\nEvaluation on {cfg.task.name} {cfg.eval.split} ({len(instances)} episodes):\n\n{table}\n")
     print(f"Run directory: {run_dir}")
     return {"summaries": summaries, "sft": stats, "cycles": cycles, "run_dir": str(run_dir)}

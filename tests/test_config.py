@@ -84,3 +84,24 @@ def test_run_py_reports_bad_key_at_start(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert r.returncode != 0 and "scienceworld" in r.stderr
+
+
+@pytest.mark.parametrize("option", options("algo"))
+def test_every_algo_composes(option, tmp_path):
+    cfg = validate_config(composed([f"algo={option}"], tmp_path))
+    assert cfg.algo.name == option
+
+
+def test_invalid_algo_reward_combination_fails_at_start(tmp_path):
+    with pytest.raises(ConfigError, match=r"algo=loop does not take reward=implicit"):
+        validate_config(composed(["algo=loop", "reward=implicit"], tmp_path))
+    with pytest.raises(ConfigError, match=r"algo=sft does not take reward=inverse"):
+        validate_config(composed(["algo=sft", "reward=inverse"], tmp_path))
+    for reward in ("none", "implicit", "inverse", "outcome"):
+        validate_config(composed(["algo=stepagent", f"reward={reward}"], tmp_path))
+
+
+def test_loop_preset_sets_method_defaults(tmp_path):
+    cfg = validate_config(composed(["algo=loop"], tmp_path))
+    assert cfg.inspection.samples_per_state == 6  # K = 6 rollouts per task
+    assert cfg.ppo.kl_coef == 0.0 and cfg.ppo.advantage == "loo" and cfg.ppo.drop_advantage_below == 0.01

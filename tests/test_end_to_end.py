@@ -72,3 +72,43 @@ def test_implicit_cycle_on_scienceworld(tmp_path):
     assert any(not torch.equal(sft[k], cyc[k]) for k in sft)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(row.get("cycle") == 1 and "dpo/loss" in row for row in rows)
+
+
+ARMS = {
+    "inverse": ["reward=inverse", "reward.disc_hidden_size=32", "reward.disc_num_layers=1", "ppo.epochs=1"],
+    "outcome": ["reward=outcome", "ppo.epochs=1"],
+    "loop": ["algo=loop", "inspection.samples_per_state=2", "ppo.epochs=1"],
+    "eto": ["algo=eto"],
+}
+
+
+@pytest.mark.parametrize("arm", sorted(ARMS))
+def test_reflection_arms_on_scienceworld(arm, tmp_path):
+    """One short cycle of each remaining arm on real ScienceWorld: it trains and writes metrics."""
+    import torch
+    from safetensors.torch import load_file
+
+    r, run_dir = run_py(
+        tmp_path, *ARMS[arm], "cycles=1", "eval.before_sft=false", "task.eval_per_type=1", "task.max_steps=6",
+        "sft.epochs=1", "inspection.trajectories=3", "inspection.heldout_trajectories=1",
+    )
+    results = json.loads((run_dir / "results.json").read_text())
+    (cycle,) = results["cycles"]
+    assert cycle["cycle"] == 1 and "eval/reward_x100" in cycle
+    if arm == "inverse":
+        assert cycle["ppo/steps"] >= 1 and cycle["disc/steps_train"] >= 1
+        assert 0.0 <= cycle["disc/acc_train"] <= 1.0
+        assert len(cycle["step_reward/agent_by_step"]) >= 5
+    elif arm in ("outcome", "loop"):
+        assert cycle["rollout/episodes"] == 3 * 2
+        assert (run_dir / "cycles/cycle_1/rollouts.jsonl").exists()
+    else:
+        assert (run_dir / "cycles/cycle_1/exploration.jsonl").exists()
+    sft = load_file(run_dir / "checkpoints/sft/model.safetensors")
+    cyc = load_file(run_dir / "checkpoints/cycle_1/model.safetensors")
+    changed = any(not torch.equal(sft[k], cyc[k]) for k in sft)
+    # outcome/LOOP/ETO only update when some rollout has a non-zero advantage (or failed, for ETO)
+    trained = cycle.get("ppo/steps", cycle.get("dpo/steps", 0)) > 0
+    assert changed == trained
+    if arm == "inverse":
+        assert changed

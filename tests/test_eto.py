@@ -173,7 +173,7 @@ def test_one_eto_iteration_on_scienceworld(tmp_path):
          "max_new_tokens": 6, "max_seq_len": 768}))
     policy = build_policy(policy_cfg, tokenizer_corpus(task, experts), cache, seed=0)
     eto = replace(ETOConfig(), tasks_per_iteration=2, rollouts_per_task=1, batch_size=2, lr=1e-3)
-    cfg = SimpleNamespace(policy=policy_cfg, seed=0, cycles=1, eto=eto)
+    cfg = SimpleNamespace(policy=policy_cfg, seed=0, cycles=1, algo=eto)
     encoder = make_encoder(policy, cfg, task)
     run_dir = tmp_path / "run"
     logger = RunLogger(run_dir)

@@ -52,6 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stepagent.agent.prompts import Encoded, PromptEncoder
+from stepagent.config import ETOAlgoConfig
 from stepagent.algos.stepagent import CycleContext, swapped_trainable, trainable_snapshot
 from stepagent.data.trajectory import Trajectory
 from stepagent.eval.evaluate import Episode, run_episodes
@@ -64,21 +65,8 @@ Windows = List[Encoded]  # the training sequence(s) of one trajectory (see encod
 
 
 # ----------------------------------------------------------------------------- config
-@dataclass
-class ETOConfig:
-    beta: float = 0.1
-    lr: float = 1e-4
-    epochs: int = 1  # passes over the iteration's pairs
-    batch_size: int = 4  # pairs per optimizer step
-    micro_batch_size: Optional[int] = None  # pairs per forward/backward (None: the whole batch)
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    reference: str = "iteration_start"  # iteration_start | sft : which policy is π_ref
-    tasks_per_iteration: Optional[int] = 32  # training tasks explored per iteration (None: all)
-    rollouts_per_task: int = 1
-    temperature: float = 1.0  # exploration sampling temperature
-    rejected_extra_steps: Optional[int] = 5  # keep ≤ len(τ^e) + this many agent actions (None: all)
-    nll_weight: float = 0.0  # λ of an optional NLL term on τ^e; 0 = ETO as published
+# The typed schema lives with the other configs (conf/algo/eto.yaml selects it).
+ETOConfig = ETOAlgoConfig
 
 
 # ----------------------------------------------------------------------------- log π(τ)
@@ -181,7 +169,7 @@ def reflect_eto(
     model, opt, pairs_encoded: Sequence[Tuple[Windows, Windows]], ref_logps: torch.Tensor, ecfg, pad_id: int,
     seed: int, progress: bool = True,
 ) -> Dict[str, float]:
-    """Trajectory-level DPO epochs over the pairs. ``ecfg``: the ETO config (``cfg.eto``);
+    """Trajectory-level DPO epochs over the pairs. ``ecfg``: the ETO config (``cfg.algo`` with algo=eto);
     ``ref_logps``: [N, 2] reference log π(τ^e), log π(τ^a). Returns mean diagnostics
     over optimizer steps (``dpo/loss``, accuracy, reward_chosen/rejected, margin, ...)."""
     rng = random.Random(seed)
@@ -252,7 +240,7 @@ def write_exploration_jsonl(path: Path, episodes: Sequence[Episode], paired: Seq
 # ----------------------------------------------------------------------------- the iterations
 def run_eto_iterations(ctx: CycleContext, pool, progress: bool = True) -> List[Dict[str, Any]]:
     """``cfg.cycles`` ETO iterations; rows shaped like ``run_stepagent_cycles``'s."""
-    cfg, ecfg, model, tok = ctx.cfg, ctx.cfg.eto, ctx.policy.model, ctx.policy.tokenizer
+    cfg, ecfg, model, tok = ctx.cfg, ctx.cfg.algo, ctx.policy.model, ctx.policy.tokenizer
     if ecfg.reference not in ("iteration_start", "sft"):
         raise ValueError(f"eto.reference must be iteration_start or sft, got {ecfg.reference!r}")
     pad = tok.pad_token_id

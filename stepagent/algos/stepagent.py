@@ -166,6 +166,107 @@ def step_reward_curve(
     return {k: [sum(d[t]) / len(d[t]) if d[t] else None for t in range(n)] for k, d in acc.items()}
 
 
+# ----------------------------------------------------------------------------- inverse reward
+def build_sample_packs(
+    encoder: PromptEncoder, trajs: Sequence[Trajectory], segments: Dict[str, List[Segment]], max_len: int
+) -> Tuple[List[Packed], List[Tuple[int, int, str, int, int]]]:
+    """Packs whose branches are ALL K agent actions of every state (matches included: PPO's
+    leave-one-out baseline needs the whole group). Returns (packs, [(pack, slot, traj id, step, k)])."""
+    packs: List[Packed] = []
+    index: List[Tuple[int, int, str, int, int]] = []
+    for tr in trajs:
+        segs = segments.get(tr.id)
+        if not segs:
+            continue
+        obs = [s.observation for s in tr.steps]
+        windows = encoder.encode_trajectory(tr.instruction, tr.actions, obs, max_len)
+        step_ids = [list(range(len(tr.steps)))] if len(windows) == 1 else [[t] for t in range(len(tr.steps))]
+        for win, steps in zip(windows, step_ids):
+            branches = {i: [encoder.encode_action(a) for a in segs[t].agent_actions] for i, t in enumerate(steps)}
+            pack = pack_trajectory(win, branches, steps)
+            for j, slot in enumerate(pack.slots):
+                if slot.sample >= 0:
+                    index.append((len(packs), j, tr.id, slot.step, slot.sample))
+            packs.append(pack)
+    return packs, index
+
+
+def inverse_step_rewards(disc, expert_pairs, agent_pairs, segments, rcfg):
+    """Step reward of every agent sample (traj id, step, k) and of every expert action.
+
+    D scores the non-matching agent actions; an agent action equal to the expert's is
+    the expert pair itself, so it gets the expert pair's reward. Raw (unnormalised)."""
+    from stepagent.algos.discriminator import step_rewards
+
+    r_exp = step_rewards(disc, expert_pairs, rcfg.form, None).tolist()
+    r_agt = step_rewards(disc, agent_pairs, rcfg.form, None).tolist()
+    expert_r = {(p.traj_id, p.step): r for p, r in zip(expert_pairs, r_exp)}
+    differing = {(p.traj_id, p.step, p.sample): r for p, r in zip(agent_pairs, r_agt)}
+    agent_r: Dict[Tuple[str, int, int], float] = {}
+    for segs in segments.values():
+        for seg in segs:
+            k_diff = 0
+            for k, m in enumerate(seg.matches):
+                if m:
+                    agent_r[(seg.traj_id, seg.step, k)] = expert_r[(seg.traj_id, seg.step)]
+                else:
+                    agent_r[(seg.traj_id, seg.step, k)] = differing[(seg.traj_id, seg.step, k_diff)]
+                    k_diff += 1
+    return expert_r, agent_r
+
+
+def by_step_means(values: Dict[tuple, float]) -> List[Optional[float]]:
+    acc: Dict[int, List[float]] = defaultdict(list)
+    for key, v in values.items():
+        acc[key[1]].append(v)
+    n = 1 + max(acc, default=-1)
+    return [sum(acc[t]) / len(acc[t]) if acc[t] else None for t in range(n)]
+
+
+def reflect_inverse(ctx: "CycleContext", opt, disc, disc_opt, subset, segments, ref_params, cycle: int):
+    """GAIL reflection: train D on expert vs agent pairs, reward agent actions with D, PPO."""
+    from stepagent.algos.discriminator import accuracy, build_pairs, train_discriminator
+    from stepagent.algos.ppo_common import PPOSample, ppo_update, token_logprobs_of
+    from stepagent.train.ppo import drop_small_advantages, loo_advantages
+
+    cfg, rcfg, pcfg, model = ctx.cfg, ctx.cfg.reward, ctx.cfg.ppo, ctx.policy.model
+    pad = ctx.policy.tokenizer.pad_token_id
+    expert_pairs, agent_pairs = build_pairs(ctx.encoder, subset, segments, rcfg.disc_max_len)
+    stats: Dict[str, Any] = {}
+    if agent_pairs:
+        # D's accuracy on this cycle's fresh agent actions, before it trains on them:
+        # the convergence proxy (-> 0.5 when expert and agent occupancy measures match).
+        stats.update({f"disc/{k}_fresh": v for k, v in accuracy(disc, expert_pairs, agent_pairs).items()})
+    dst = train_discriminator(disc, disc_opt, expert_pairs, agent_pairs, rcfg.disc_epochs,
+                              rcfg.disc_batch_size, seed=cfg.seed * 1000 + cycle)
+    stats.update({f"disc/{k}_train": v for k, v in dst.items()})
+    expert_r, agent_r = inverse_step_rewards(disc, expert_pairs, agent_pairs, segments, rcfg)
+
+    packs, index = build_sample_packs(ctx.encoder, subset, segments, cfg.policy.max_seq_len)
+    rewards = torch.tensor([agent_r[(tid, t, k)] for _, _, tid, t, k in index])
+    if rcfg.normalize == "batch" and rewards.numel() > 1:
+        rewards = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-8)
+    groups = {}
+    gid = torch.tensor([groups.setdefault((tid, t), len(groups)) for _, _, tid, t, _ in index])
+    adv = loo_advantages(rewards, gid)  # A_k = r_k - mean_{i≠k} r_i over the K samples of a state
+    keep = drop_small_advantages(adv, pcfg.drop_advantage_below) if pcfg.drop_advantage_below > 0 \
+        else torch.ones_like(adv, dtype=torch.bool)
+    samples = [PPOSample(p, j, float(a)) for (p, j, *_), a, kp in zip(index, adv, keep) if kp]
+    olds = token_logprobs_of(model, packs, samples, pad, pcfg.batch_size)  # π_old = the sampling policy
+    if pcfg.reference == "cycle_start":
+        refs = olds
+    else:
+        with swapped_trainable(model, ref_params):
+            refs = token_logprobs_of(model, packs, samples, pad, pcfg.batch_size)
+    for smp, o, r in zip(samples, olds, refs):
+        smp.logp_old, smp.logp_ref = o, r
+    stats.update(ppo_update(model, opt, packs, samples, pcfg, pad, seed=cfg.seed + cycle,
+                            desc=f"cycle {cycle} PPO (inverse reward)"))
+    stats["ppo/dropped_small_advantage"] = int((~keep).sum())
+    curve = {"expert": by_step_means(expert_r), "agent": by_step_means(agent_r)}
+    return stats, curve
+
+
 # ----------------------------------------------------------------------------- the cycles
 @dataclass
 class CycleContext:
@@ -178,6 +279,7 @@ class CycleContext:
     run_dir: Path
     logger: Any
     evaluate: Any  # callable(tag) -> summary
+    pool: Any = None  # the EnvPool, for algorithms that roll out in the environment
 
 
 def heldout_agreement(ctx: CycleContext) -> Dict[str, Any]:
@@ -191,14 +293,27 @@ def heldout_agreement(ctx: CycleContext) -> Dict[str, Any]:
 
 def run_stepagent_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
     cfg, rcfg, model, tok = ctx.cfg, ctx.cfg.reward, ctx.policy.model, ctx.policy.tokenizer
-    if rcfg.name != "implicit":
-        raise ValueError(f"reward={rcfg.name} is not implemented by the StepAgent cycles yet")
+    if rcfg.name not in ("implicit", "inverse"):
+        raise ValueError(f"the inspection/reflection cycles take reward=implicit|inverse, not {rcfg.name}")
     pad = tok.pad_token_id
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=rcfg.lr, weight_decay=rcfg.weight_decay)
-    sft_params = trainable_snapshot(model) if rcfg.reference == "sft" else None
-    if rcfg.reference not in ("cycle_start", "sft"):
-        raise ValueError(f"reward.reference must be cycle_start or sft, got {rcfg.reference!r}")
+    reference = rcfg.reference if rcfg.name == "implicit" else cfg.ppo.reference
+    if reference not in ("cycle_start", "sft"):
+        raise ValueError(f"the reference policy must be cycle_start or sft, got {reference!r}")
+    sft_params = trainable_snapshot(model) if reference == "sft" else None
+    if rcfg.name == "implicit":
+        opt = torch.optim.AdamW(params, lr=rcfg.lr, weight_decay=rcfg.weight_decay)
+    else:
+        from stepagent.algos.discriminator import Discriminator, DiscriminatorConfig
+
+        opt = torch.optim.AdamW(params, lr=cfg.ppo.lr)
+        dcfg = DiscriminatorConfig(hidden_size=rcfg.disc_hidden_size, num_layers=rcfg.disc_num_layers,
+                                   num_heads=rcfg.disc_num_heads, max_len=rcfg.disc_max_len,
+                                   lr=rcfg.disc_lr, epochs=rcfg.disc_epochs, batch_size=rcfg.disc_batch_size)
+        torch.manual_seed(cfg.seed)
+        disc = Discriminator.for_tokenizer(tok, dcfg).to(next(model.parameters()).device)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=rcfg.disc_lr)
+        log.info("discriminator: %.2fM parameters", sum(p.numel() for p in disc.parameters()) / 1e6)
 
     history: List[Dict[str, Any]] = []
     h0 = heldout_agreement(ctx)
@@ -216,13 +331,16 @@ def run_stepagent_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
         write_contrast_jsonl(cdir / "contrast.jsonl", segments)
         agree = agreement(segments)
 
-        # 2. Reflection with the implicit step reward (one packed pass per trajectory).
-        packs = build_packs(ctx.encoder, subset, segments, cfg.policy.max_seq_len)
-        with swapped_trainable(model, sft_params):
-            ref_lps = slot_logprobs(model, packs, pad, rcfg.batch_size)
-        stats = reflect_implicit(model, opt, packs, ref_lps, rcfg, pad, seed=cfg.seed + cycle) if packs else {}
-        pol_lps = slot_logprobs(model, packs, pad, rcfg.batch_size)
-        curve = step_reward_curve(packs, pol_lps, ref_lps, rcfg.beta)
+        # 2. Reflection with the step reward (one packed pass per trajectory).
+        if rcfg.name == "implicit":
+            packs = build_packs(ctx.encoder, subset, segments, cfg.policy.max_seq_len)
+            with swapped_trainable(model, sft_params):
+                ref_lps = slot_logprobs(model, packs, pad, rcfg.batch_size)
+            stats = reflect_implicit(model, opt, packs, ref_lps, rcfg, pad, seed=cfg.seed + cycle) if packs else {}
+            pol_lps = slot_logprobs(model, packs, pad, rcfg.batch_size)
+            curve = step_reward_curve(packs, pol_lps, ref_lps, rcfg.beta)
+        else:
+            stats, curve = reflect_inverse(ctx, opt, disc, disc_opt, subset, segments, sft_params, cycle)
 
         # 3. Held-out agreement and evaluation in the environment.
         held = heldout_agreement(ctx)

@@ -96,16 +96,21 @@ def run_episodes(
     progress: bool = True,
     desc: str = "eval",
 ) -> List[Episode]:
-    """Play every instance to the end; returns the finished episodes in instance order."""
-    queue = list(instances)
-    finished: Dict[str, Episode] = {}
+    """Play every instance to the end; returns the finished episodes in instance order.
+
+    An instance may appear several times (K rollouts of one task): episodes are
+    tracked by position, not by instance id.
+    """
+    queue = list(enumerate(instances))
+    finished: Dict[int, Episode] = {}
+    position: Dict[int, int] = {}  # slot -> position in ``instances``
     live: Dict[int, Episode] = {}
     free = list(range(pool.num_workers))
     bar = tqdm(total=len(queue), desc=desc, disable=not progress, dynamic_ncols=True)
 
     def finish(slot: int) -> None:
         ep = live.pop(slot)
-        finished[ep.instance.id] = ep
+        finished[position.pop(slot)] = ep
         free.append(slot)
         bar.update(1)
 
@@ -115,9 +120,11 @@ def run_episodes(
         while free and queue:
             starts.append((free.pop(0), queue.pop(0)))
         if starts:
-            for (slot, inst), res in zip(starts, pool.reset_batch(starts)):
+            results = pool.reset_batch([(slot, inst) for slot, (_, inst) in starts])
+            for (slot, (pos, inst)), res in zip(starts, results):
                 ep = Episode(inst, instruction=res.observation)
                 live[slot] = ep
+                position[slot] = pos
                 if res.crashed:
                     ep.crashed, ep.done = True, True
                     finish(slot)
@@ -147,7 +154,7 @@ def run_episodes(
                 ep.done = True
                 finish(slot)
     bar.close()
-    return [finished[i.id] for i in instances]
+    return [finished[i] for i in range(len(instances))]
 
 
 def evaluate(

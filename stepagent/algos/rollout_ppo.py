@@ -1,0 +1,137 @@
+"""PPO on the agent's own multi-turn rollouts: reward=outcome (the ablation) and LOOP.
+
+Each cycle:
+  1. rollouts   — ``inspection.trajectories`` training tasks x ``inspection.samples_per_state``
+                  rollouts each (K), at ``inspection.temperature``, in the real environment
+                  (the same budget knobs as inspection, so the arms are comparable);
+  2. advantage  — the final score R is the only reward, on the last action token; with
+                  γ = 1 and the critic-free leave-one-out baseline over the K rollouts of a task
+                  every generated token of rollout k gets  A_k = R_k - mean_{i≠k} R_i;
+  3. PPO        — per-token clipped ratio over generated tokens only (instruction and
+                  observation tokens are context), KL to π_ref (``ppo.kl_coef``; LOOP: 0),
+                  rollouts with |A| < ``ppo.drop_advantage_below`` dropped (LOOP: 0.01);
+  4. evaluation and checkpoint, as in the StepAgent cycles.
+
+A rollout is one sequence (or one window per step when too long), so all of its
+log-probs come from one forward pass: it is packed with no branches, and each of
+its actions is a slot. Crashed rollouts (environment failure) carry no reward and
+are left out of the update, counted in ``rollout/crashed``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from stepagent.algos.ppo_common import PPOSample, ppo_update, token_logprobs_of
+from stepagent.algos.stepagent import CycleContext, heldout_agreement, swapped_trainable, trainable_snapshot
+from stepagent.eval.evaluate import Episode, run_episodes
+from stepagent.train.packing import Packed, pack_trajectory
+from stepagent.train.ppo import drop_small_advantages, loo_advantages
+
+log = logging.getLogger(__name__)
+
+
+def rollout_packs(encoder, episodes: List[Episode], max_len: int):
+    """(packs, [(pack, slot, episode index)]) for every action of every episode."""
+    packs: List[Packed] = []
+    index = []
+    for e, ep in enumerate(episodes):
+        if not ep.actions:
+            continue
+        windows = encoder.encode_trajectory(ep.instruction, ep.actions, ep.observations, max_len)
+        steps = [list(range(len(ep.actions)))] if len(windows) == 1 else [[t] for t in range(len(ep.actions))]
+        for win, st in zip(windows, steps):
+            pack = pack_trajectory(win, {}, st)
+            index.extend((len(packs), j, e) for j in range(len(pack.slots)))
+            packs.append(pack)
+    return packs, index
+
+
+def write_rollouts_jsonl(path: Path, episodes: List[Episode], advantages: List[float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for ep, a in zip(episodes, advantages):
+            f.write(json.dumps({"id": ep.instance.id, "reward": ep.score, "advantage": a, "crashed": ep.crashed,
+                                "actions": ep.env_actions, "observations": ep.observations}, ensure_ascii=False) + "\n")
+
+
+def run_rollout_ppo_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
+    cfg, pcfg, model, tok = ctx.cfg, ctx.cfg.ppo, ctx.policy.model, ctx.policy.tokenizer
+    arm = "loop" if cfg.algo.name == "loop" else "outcome"
+    pad = tok.pad_token_id
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=pcfg.lr)
+    ref_params = trainable_snapshot(model) if (pcfg.reference == "sft" and pcfg.kl_coef > 0) else None
+    expert_ids = {t.id for t in ctx.experts}
+    # The training tasks the other arms learn from (those with an expert trajectory).
+    tasks = [i for i in ctx.task.instances("train") if i.id in expert_ids]
+    K = cfg.inspection.samples_per_state
+    history: List[Dict[str, Any]] = []
+    h0 = heldout_agreement(ctx)
+    ctx.logger.log({"cycle": 0, "agreement/heldout": h0["rate"], "agreement/heldout_by_step": h0["by_step"]})
+    for cycle in range(1, cfg.cycles + 1):
+        cdir = ctx.run_dir / "cycles" / f"cycle_{cycle}"
+        rng = random.Random(cfg.seed * 1000 + cycle)
+        n = cfg.inspection.trajectories
+        chosen = rng.sample(tasks, min(n, len(tasks))) if n else list(tasks)
+
+        # 1. K rollouts per task in the environment.
+        episodes = run_episodes(model, tok, ctx.encoder, ctx.task, [t for t in chosen for _ in range(K)],
+                                ctx.pool, cfg.policy.max_new_tokens, cfg.inspection.temperature,
+                                desc=f"cycle {cycle} rollouts")
+        ok = [e for e in episodes if not e.crashed]
+
+        # 2. Leave-one-out advantage over the rollouts of the same task.
+        rewards = torch.tensor([e.score for e in ok])
+        groups = {}
+        gid = torch.tensor([groups.setdefault(e.instance.id, len(groups)) for e in ok])
+        adv = loo_advantages(rewards, gid) if ok else torch.zeros(0)
+        keep = drop_small_advantages(adv, pcfg.drop_advantage_below) if pcfg.drop_advantage_below > 0 \
+            else torch.ones_like(adv, dtype=torch.bool)
+        write_rollouts_jsonl(cdir / "rollouts.jsonl", ok, adv.tolist())
+
+        # 3. PPO on every generated token of the kept rollouts.
+        kept = [e for e, k in zip(ok, keep.tolist()) if k]
+        kept_adv = [float(a) for a, k in zip(adv, keep.tolist()) if k]
+        packs, index = rollout_packs(ctx.encoder, kept, cfg.policy.max_seq_len)
+        samples = [PPOSample(p, j, kept_adv[e]) for p, j, e in index]
+        stats: Dict[str, Any] = {}
+        if samples:
+            olds = token_logprobs_of(model, packs, samples, pad, pcfg.batch_size)
+            if ref_params is None:
+                refs = olds
+            else:
+                with swapped_trainable(model, ref_params):
+                    refs = token_logprobs_of(model, packs, samples, pad, pcfg.batch_size)
+            for s, o, r in zip(samples, olds, refs):
+                s.logp_old, s.logp_ref = o, r
+            stats = ppo_update(model, opt, packs, samples, pcfg, pad, seed=cfg.seed + cycle,
+                               desc=f"cycle {cycle} PPO ({arm})")
+
+        # 4. Held-out agreement, evaluation, checkpoint.
+        held = heldout_agreement(ctx)
+        summary = ctx.evaluate(f"eval_cycle_{cycle}")
+        model.save_pretrained(str(ctx.run_dir / "checkpoints" / f"cycle_{cycle}"))
+        row = {
+            "cycle": cycle,
+            "rollout/reward_mean": float(rewards.mean()) if ok else None,
+            "rollout/episodes": len(episodes),
+            "rollout/crashed": len(episodes) - len(ok),
+            "rollout/dropped_small_advantage": int((~keep).sum()),
+            "agreement/heldout": held["rate"],
+            "agreement/heldout_by_step": held["by_step"],
+            "eval/reward_x100": summary["overall"]["reward_x100"],
+            "eval/success_rate": summary["overall"]["success_rate"],
+            **stats,
+        }
+        ctx.logger.log(row)
+        (cdir / "metrics.json").write_text(json.dumps(row, indent=1))
+        log.info("cycle %d (%s): rollout reward %.3f, dev reward %.1f", cycle, arm,
+                 row["rollout/reward_mean"] or 0.0, row["eval/reward_x100"])
+        history.append(row)
+    return history
