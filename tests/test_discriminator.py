@@ -72,7 +72,7 @@ def test_build_pairs_drops_matches_and_aligns_with_packs(tiny_tokenizer, sample_
     a = segs[trajs[0].id][2].agent_actions[2]
     assert p.ids[-len(enc.encode_action(a)):] == enc.encode_action(a)
     # (traj, step, sample) of agent pairs == the agent slots build_packs creates
-    packs = build_packs(enc, trajs, segs, max_len=4096)
+    packs, _ = build_packs(enc, trajs, segs, max_len=4096)
     slots = {(tr.id, s.step, s.sample) for tr, pk in zip(trajs, packs) for s in pk.slots if s.sample >= 0}
     assert slots == {(q.traj_id, q.step, q.sample) for q in agent}
 

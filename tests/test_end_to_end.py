@@ -17,15 +17,29 @@ SMALL = [
 ]
 
 
-def run_py(tmp_path, *overrides, timeout=600):
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """Expert trajectories, tokenizer and initial model built once for this module's runs."""
+    return tmp_path_factory.mktemp("stepagent-cache")
+
+
+@pytest.fixture
+def run_py(tmp_path, shared_cache):
+    def run(tmp_path, *overrides, timeout=600):
+        return _run_py(tmp_path, shared_cache, *overrides, timeout=timeout)
+
+    return run
+
+
+def _run_py(tmp_path, cache, *overrides, timeout=600):
     cmd = [sys.executable, str(REPO / "run.py"), *SMALL, *overrides,
-           f"hydra.run.dir={tmp_path}/run", f"cache_dir={tmp_path}/cache"]
+           f"hydra.run.dir={tmp_path}/run", f"cache_dir={cache}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return r, tmp_path / "run"
 
 
-def test_sft_and_eval_on_scienceworld(tmp_path):
+def test_sft_and_eval_on_scienceworld(tmp_path, run_py):
     r, run_dir = run_py(tmp_path, "logger=wandb", "eval.before_sft=true")
     results = json.loads((run_dir / "results.json").read_text())
     sft = results["summaries"]["sft"]["overall"]
@@ -46,10 +60,11 @@ def test_sft_and_eval_on_scienceworld(tmp_path):
     # the second run reuses the cached expert trajectories, tokenizer and initial model
     r2, _ = run_py(tmp_path, "eval.before_sft=false", "logger=none", "hydra.run.dir=" + str(tmp_path / "run2"))
     assert "6 instances, 6 from cache, 0 built now" in r2.stdout + r2.stderr
+    assert "loading cached tokenizer" in r2.stdout + r2.stderr
     assert "training a" not in r2.stdout + r2.stderr  # tokenizer loaded from the cache
 
 
-def test_implicit_cycle_on_scienceworld(tmp_path):
+def test_implicit_cycle_on_scienceworld(tmp_path, run_py):
     """SFT -> one StepAgent cycle (inspection + step DPO) -> evaluation; parameters change."""
     import torch
     from safetensors.torch import load_file
@@ -83,7 +98,7 @@ ARMS = {
 
 
 @pytest.mark.parametrize("arm", sorted(ARMS))
-def test_reflection_arms_on_scienceworld(arm, tmp_path):
+def test_reflection_arms_on_scienceworld(arm, tmp_path, run_py):
     """One short cycle of each remaining arm on real ScienceWorld: it trains and writes metrics."""
     import torch
     from safetensors.torch import load_file

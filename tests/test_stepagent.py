@@ -50,7 +50,7 @@ def test_sft_to_convergence_gives_full_agreement_and_no_contrast(tiny_tokenizer,
     train_sft(model, sft_samples([sample_trajectory], enc, 1024), cfg, tiny_tokenizer.pad_token_id, progress=False)
     segs = inspect(model, tiny_tokenizer, enc, _Task(None), [sample_trajectory], 1, 0.0, 12, progress=False)
     assert agreement(segs)["rate"] == 1.0
-    assert build_packs(enc, [sample_trajectory], segs, 1024) == []
+    assert build_packs(enc, [sample_trajectory], segs, 1024) == ([], [])
 
 
 def test_implicit_reflection_prefers_expert_and_changes_parameters(tiny_tokenizer, sample_trajectory):
@@ -58,7 +58,7 @@ def test_implicit_reflection_prefers_expert_and_changes_parameters(tiny_tokenize
     model = make_tiny_model(tiny_tokenizer)
     enc = PromptEncoder(tiny_tokenizer, 1000)
     segs = inspect(model, tiny_tokenizer, enc, _Task(None), [sample_trajectory], 2, 1.0, 6, progress=False)
-    packs = build_packs(enc, [sample_trajectory], segs, 1024)
+    packs, _ = build_packs(enc, [sample_trajectory], segs, 1024)
     assert len(packs) == 1
     chosen, rejected = pair_indices(packs[0])
     assert len(rejected) == sum(not m for s in segs[sample_trajectory.id] for m in s.matches)
@@ -80,3 +80,18 @@ def test_implicit_reflection_prefers_expert_and_changes_parameters(tiny_tokenize
     with swapped_trainable(model, before):
         assert torch.allclose(torch.cat(slot_logprobs(model, packs, tiny_tokenizer.pad_token_id, 4)), torch.cat(ref))
     assert torch.allclose(torch.cat(slot_logprobs(model, packs, tiny_tokenizer.pad_token_id, 4)), torch.cat(after))
+
+
+def test_ppo_packs_keep_all_k_samples(tiny_tokenizer, sample_trajectory):
+    """reward=inverse trains on every agent sample, matches included (LOO needs the full group)."""
+    from stepagent.algos.inspection import Segment
+
+    enc = PromptEncoder(tiny_tokenizer, 1000)
+    t = sample_trajectory
+    segs = {t.id: [Segment(t.id, i, s.action, [s.action, "look around"], [True, False])
+                   for i, s in enumerate(t.steps)]}
+    dpo_packs, dpo_index = build_packs(enc, [t], segs, 1024)
+    ppo_packs, ppo_index = build_packs(enc, [t], segs, 1024, include_matches=True)
+    assert len(dpo_index) == 3 and {k for *_, k in dpo_index} == {0}  # only the differing action
+    assert len(ppo_index) == 6 and sorted((st, k) for *_, st, k in ppo_index) == [(s, k) for s in range(3) for k in (0, 1)]
+    assert all(tid == t.id for _, _, tid, _, _ in ppo_index)

@@ -166,6 +166,15 @@ class PromptEncoder:
         enc.dropped_turns = dropped
         return enc
 
+    def encode_trajectory_steps(
+        self, instruction: str, actions: Sequence[str], observations: Sequence[str], max_len: int
+    ) -> List[Tuple[Encoded, List[int]]]:
+        """``encode_trajectory`` with, for each sequence, the trajectory step of each action span."""
+        seqs = self.encode_trajectory(instruction, actions, observations, max_len)
+        if len(seqs) == 1:
+            return [(seqs[0], list(range(len(actions))))]
+        return [(e, [t]) for t, e in enumerate(seqs)]
+
     def encode_trajectory(
         self, instruction: str, actions: Sequence[str], observations: Sequence[str], max_len: int
     ) -> List[Encoded]:

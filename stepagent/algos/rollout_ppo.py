@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
 
 from stepagent.algos.ppo_common import PPOSample, ppo_update, token_logprobs_of
-from stepagent.algos.stepagent import CycleContext, heldout_agreement, swapped_trainable, trainable_snapshot
+from stepagent.algos.stepagent import (CycleContext, cycle_subset, heldout_agreement, log_initial_agreement,
+                                       swapped_trainable, trainable_snapshot)
 from stepagent.eval.evaluate import Episode, run_episodes
 from stepagent.train.packing import Packed, pack_trajectory
 from stepagent.train.ppo import drop_small_advantages, loo_advantages
@@ -44,9 +44,7 @@ def rollout_packs(encoder, episodes: List[Episode], max_len: int):
     for e, ep in enumerate(episodes):
         if not ep.actions:
             continue
-        windows = encoder.encode_trajectory(ep.instruction, ep.actions, ep.observations, max_len)
-        steps = [list(range(len(ep.actions)))] if len(windows) == 1 else [[t] for t in range(len(ep.actions))]
-        for win, st in zip(windows, steps):
+        for win, st in encoder.encode_trajectory_steps(ep.instruction, ep.actions, ep.observations, max_len):
             pack = pack_trajectory(win, {}, st)
             index.extend((len(packs), j, e) for j in range(len(pack.slots)))
             packs.append(pack)
@@ -72,13 +70,10 @@ def run_rollout_ppo_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
     tasks = [i for i in ctx.task.instances("train") if i.id in expert_ids]
     K = cfg.inspection.samples_per_state
     history: List[Dict[str, Any]] = []
-    h0 = heldout_agreement(ctx)
-    ctx.logger.log({"cycle": 0, "agreement/heldout": h0["rate"], "agreement/heldout_by_step": h0["by_step"]})
+    log_initial_agreement(ctx)
     for cycle in range(1, cfg.cycles + 1):
         cdir = ctx.run_dir / "cycles" / f"cycle_{cycle}"
-        rng = random.Random(cfg.seed * 1000 + cycle)
-        n = cfg.inspection.trajectories
-        chosen = rng.sample(tasks, min(n, len(tasks))) if n else list(tasks)
+        chosen = cycle_subset(tasks, cfg, cycle)
 
         # 1. K rollouts per task in the environment.
         episodes = run_episodes(model, tok, ctx.encoder, ctx.task, [t for t in chosen for _ in range(K)],

@@ -39,27 +39,33 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- packing
 def build_packs(
-    encoder: PromptEncoder, trajs: Sequence[Trajectory], segments: Dict[str, List[Segment]], max_len: int
-) -> List[Packed]:
-    """One packed sequence per trajectory (or per step window for long ones), with the
-    agent actions that differ from the expert's as branches."""
+    encoder: PromptEncoder, trajs: Sequence[Trajectory], segments: Dict[str, List[Segment]], max_len: int,
+    include_matches: bool = False,
+) -> Tuple[List[Packed], List[Tuple[int, int, str, int, int]]]:
+    """One packed sequence per expert trajectory (or per step window for long ones) with the
+    agent actions as branches: those that differ from the expert's (step DPO: a match has no
+    contrast), or all K of them (``include_matches``: PPO's leave-one-out baseline needs the
+    whole group). Returns (packs, [(pack, slot, traj id, step, k)] for every agent slot), where
+    k indexes the branches kept at that step."""
     packs: List[Packed] = []
+    index: List[Tuple[int, int, str, int, int]] = []
     for tr in trajs:
         segs = segments.get(tr.id)
         if not segs:
             continue
         obs = [s.observation for s in tr.steps]
-        windows = encoder.encode_trajectory(tr.instruction, tr.actions, obs, max_len)
-        # one window holding every step, or one window per step
-        step_ids = [list(range(len(tr.steps)))] if len(windows) == 1 else [[t] for t in range(len(tr.steps))]
-        for win, steps in zip(windows, step_ids):
-            branches = {}
-            for i, t in enumerate(steps):
-                seg = segs[t]
-                branches[i] = [encoder.encode_action(a) for a, m in zip(seg.agent_actions, seg.matches) if not m]
-            if any(branches.values()):
-                packs.append(pack_trajectory(win, branches, steps))
-    return packs
+        for win, steps in encoder.encode_trajectory_steps(tr.instruction, tr.actions, obs, max_len):
+            branches = {
+                i: [encoder.encode_action(a) for a, m in zip(segs[t].agent_actions, segs[t].matches)
+                    if include_matches or not m]
+                for i, t in enumerate(steps)
+            }
+            if not any(branches.values()):
+                continue
+            pack = pack_trajectory(win, branches, steps)
+            index.extend((len(packs), j, tr.id, sl.step, sl.sample) for j, sl in enumerate(pack.slots) if sl.sample >= 0)
+            packs.append(pack)
+    return packs, index
 
 
 def pair_indices(pack: Packed) -> Tuple[List[int], List[int]]:
@@ -167,30 +173,6 @@ def step_reward_curve(
 
 
 # ----------------------------------------------------------------------------- inverse reward
-def build_sample_packs(
-    encoder: PromptEncoder, trajs: Sequence[Trajectory], segments: Dict[str, List[Segment]], max_len: int
-) -> Tuple[List[Packed], List[Tuple[int, int, str, int, int]]]:
-    """Packs whose branches are ALL K agent actions of every state (matches included: PPO's
-    leave-one-out baseline needs the whole group). Returns (packs, [(pack, slot, traj id, step, k)])."""
-    packs: List[Packed] = []
-    index: List[Tuple[int, int, str, int, int]] = []
-    for tr in trajs:
-        segs = segments.get(tr.id)
-        if not segs:
-            continue
-        obs = [s.observation for s in tr.steps]
-        windows = encoder.encode_trajectory(tr.instruction, tr.actions, obs, max_len)
-        step_ids = [list(range(len(tr.steps)))] if len(windows) == 1 else [[t] for t in range(len(tr.steps))]
-        for win, steps in zip(windows, step_ids):
-            branches = {i: [encoder.encode_action(a) for a in segs[t].agent_actions] for i, t in enumerate(steps)}
-            pack = pack_trajectory(win, branches, steps)
-            for j, slot in enumerate(pack.slots):
-                if slot.sample >= 0:
-                    index.append((len(packs), j, tr.id, slot.step, slot.sample))
-            packs.append(pack)
-    return packs, index
-
-
 def inverse_step_rewards(disc, expert_pairs, agent_pairs, segments, rcfg):
     """Step reward of every agent sample (traj id, step, k) and of every expert action.
 
@@ -242,7 +224,7 @@ def reflect_inverse(ctx: "CycleContext", opt, disc, disc_opt, subset, segments, 
     stats.update({f"disc/{k}_train": v for k, v in dst.items()})
     expert_r, agent_r = inverse_step_rewards(disc, expert_pairs, agent_pairs, segments, rcfg)
 
-    packs, index = build_sample_packs(ctx.encoder, subset, segments, cfg.policy.max_seq_len)
+    packs, index = build_packs(ctx.encoder, subset, segments, cfg.policy.max_seq_len, include_matches=True)
     rewards = torch.tensor([agent_r[(tid, t, k)] for _, _, tid, t, k in index])
     if rcfg.normalize == "batch" and rewards.numel() > 1:
         rewards = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-8)
@@ -291,6 +273,20 @@ def heldout_agreement(ctx: CycleContext) -> Dict[str, Any]:
     return agreement(segs)
 
 
+def cycle_subset(items: Sequence[Any], cfg, cycle: int) -> List[Any]:
+    """The ``inspection.trajectories`` expert trajectories (or tasks) of a cycle: a fresh,
+    seeded random subset each cycle (all of them when None)."""
+    n = cfg.inspection.trajectories
+    rng = random.Random(cfg.seed * 1000 + cycle)
+    return rng.sample(list(items), min(n, len(items))) if n else list(items)
+
+
+def log_initial_agreement(ctx: CycleContext) -> None:
+    """Held-out agreement of the SFT policy: the 'cycle 0' point of the convergence curve."""
+    h0 = heldout_agreement(ctx)
+    ctx.logger.log({"cycle": 0, "agreement/heldout": h0["rate"], "agreement/heldout_by_step": h0["by_step"]})
+
+
 def run_stepagent_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
     cfg, rcfg, model, tok = ctx.cfg, ctx.cfg.reward, ctx.policy.model, ctx.policy.tokenizer
     if rcfg.name not in ("implicit", "inverse"):
@@ -316,13 +312,10 @@ def run_stepagent_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
         log.info("discriminator: %.2fM parameters", sum(p.numel() for p in disc.parameters()) / 1e6)
 
     history: List[Dict[str, Any]] = []
-    h0 = heldout_agreement(ctx)
-    ctx.logger.log({"cycle": 0, "agreement/heldout": h0["rate"], "agreement/heldout_by_step": h0["by_step"]})
+    log_initial_agreement(ctx)
     for cycle in range(1, cfg.cycles + 1):
         cdir = ctx.run_dir / "cycles" / f"cycle_{cycle}"
-        rng = random.Random(cfg.seed * 1000 + cycle)
-        n = cfg.inspection.trajectories
-        subset = rng.sample(ctx.experts, min(n, len(ctx.experts))) if n else list(ctx.experts)
+        subset = cycle_subset(ctx.experts, cfg, cycle)
 
         # 1. Inspection: the novice acts at every expert prefix.
         segments = inspect(model, tok, ctx.encoder, ctx.task, subset, cfg.inspection.samples_per_state,
@@ -333,7 +326,7 @@ def run_stepagent_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
 
         # 2. Reflection with the step reward (one packed pass per trajectory).
         if rcfg.name == "implicit":
-            packs = build_packs(ctx.encoder, subset, segments, cfg.policy.max_seq_len)
+            packs, _ = build_packs(ctx.encoder, subset, segments, cfg.policy.max_seq_len)
             with swapped_trainable(model, sft_params):
                 ref_lps = slot_logprobs(model, packs, pad, rcfg.batch_size)
             stats = reflect_implicit(model, opt, packs, ref_lps, rcfg, pad, seed=cfg.seed + cycle) if packs else {}
