@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -136,7 +135,8 @@ def prepare(args, work: Path) -> Dict[str, Any]:
     from stepagent.agent.policy import build_policy
     from stepagent.agent.prompts import PromptEncoder
     from stepagent.algos.inspection import agreement, inspect
-    from stepagent.algos.stepagent import build_packs, pair_indices, slot_logprobs, swapped_trainable, trainable_snapshot
+    from stepagent.algos.stepagent import (build_packs, pair_indices, slot_logprobs, swapped_trainable,
+                                           trainable_snapshot)
     from stepagent.config import SFTConfig, TinyPolicyConfig
     from stepagent.pipeline import tokenizer_corpus
     from stepagent.train.sft import sft_samples, train_sft
