@@ -107,7 +107,7 @@ def ppo_update(model, opt, packs: Sequence[Packed], samples: Sequence[PPOSample]
                 sums[k] += float(v)
             steps += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}", clip=f"{float(st['clip_frac']):.2f}")
+            bar.set_postfix(loss=f"{float(loss):.3f}", clip=f"{float(st['clip_frac']):.2f}", refresh=False)
     bar.close()
     model.eval()
     return {f"ppo/{k}": v / steps for k, v in sums.items()} | {"ppo/steps": steps, "ppo/samples": len(samples)}

@@ -152,7 +152,7 @@ def reflect_implicit(
                 sums[k] += float(v)
             n_steps += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{float(st['loss']):.3f}", acc=f"{float(st['accuracy']):.2f}")
+            bar.set_postfix(loss=f"{float(st['loss']):.3f}", acc=f"{float(st['accuracy']):.2f}", refresh=False)
     bar.close()
     model.eval()
     return {f"dpo/{k}": v / max(n_steps, 1) for k, v in sums.items()} | {"dpo/steps": n_steps,

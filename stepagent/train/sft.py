@@ -111,7 +111,7 @@ def train_sft(
             tot_loss += loss.item() * n_tok.item()
             tot_tok += n_tok.item()
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", refresh=False)
             if logger is not None:
                 logger.log(
                     {"sft/loss": loss.item(), "sft/grad_norm": float(gnorm), "sft/lr": sched.get_last_lr()[0],
