@@ -235,6 +235,7 @@ class RCfg:  # the fields reflect_implicit reads from the reward config
     batch_size: int
     beta: float
     max_grad_norm: float
+    nll_weight: float = 0.0  # the benchmark measures the plain DPO loss
 
 
 def run_packed(args, work: Path) -> Dict[str, Any]:

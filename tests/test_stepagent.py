@@ -66,7 +66,7 @@ def test_implicit_reflection_prefers_expert_and_changes_parameters(tiny_tokenize
     before = trainable_snapshot(model)
     ref = slot_logprobs(model, packs, tiny_tokenizer.pad_token_id, 4)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rcfg = SimpleNamespace(epochs=10, batch_size=1, beta=0.1, max_grad_norm=1.0)
+    rcfg = SimpleNamespace(epochs=10, batch_size=1, beta=0.1, max_grad_norm=1.0, nll_weight=0.0)
     stats = reflect_implicit(model, opt, packs, ref, rcfg, tiny_tokenizer.pad_token_id, seed=0, progress=False)
     after = slot_logprobs(model, packs, tiny_tokenizer.pad_token_id, 4)
     curve = step_reward_curve(packs, after, ref, 0.1)
@@ -95,3 +95,20 @@ def test_ppo_packs_keep_all_k_samples(tiny_tokenizer, sample_trajectory):
     assert len(dpo_index) == 3 and {k for *_, k in dpo_index} == {0}  # only the differing action
     assert len(ppo_index) == 6 and sorted((st, k) for *_, st, k in ppo_index) == [(s, k) for s in range(3) for k in (0, 1)]
     assert all(tid == t.id for _, _, tid, _, _ in ppo_index)
+
+
+def test_nll_term_keeps_expert_likelihood_up(tiny_tokenizer, sample_trajectory):
+    """With reward.nll_weight > 0 the expert actions' log-probs rise during step DPO."""
+    torch.manual_seed(0)
+    model = make_tiny_model(tiny_tokenizer)
+    enc = PromptEncoder(tiny_tokenizer, 1000)
+    segs = inspect(model, tiny_tokenizer, enc, _Task(None), [sample_trajectory], 2, 1.0, 6, progress=False)
+    packs, _ = build_packs(enc, [sample_trajectory], segs, 1024)
+    ref = slot_logprobs(model, packs, tiny_tokenizer.pad_token_id, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rcfg = SimpleNamespace(epochs=10, batch_size=1, beta=0.1, max_grad_norm=1.0, nll_weight=1.0)
+    stats = reflect_implicit(model, opt, packs, ref, rcfg, tiny_tokenizer.pad_token_id, seed=0, progress=False)
+    after = slot_logprobs(model, packs, tiny_tokenizer.pad_token_id, 4)
+    expert = [i for i, s in enumerate(packs[0].slots) if s.sample < 0]
+    assert (after[0][expert] > ref[0][expert]).all()
+    assert "dpo/nll_expert" in stats

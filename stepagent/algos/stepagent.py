@@ -68,6 +68,15 @@ def build_packs(
     return packs, index
 
 
+def slot_of(packs: Sequence[Packed], flat_index: int):
+    """The ActionSlot at ``flat_index`` of the concatenated slots of ``packs``."""
+    for p in packs:
+        if flat_index < len(p.slots):
+            return p.slots[flat_index]
+        flat_index -= len(p.slots)
+    raise IndexError(flat_index)
+
+
 def pair_indices(pack: Packed) -> Tuple[List[int], List[int]]:
     """(chosen, rejected) slot indices within a pack: the expert slot of step t vs each agent slot of t."""
     expert_of = {s.step: i for i, s in enumerate(pack.slots) if s.sample < 0}
@@ -144,6 +153,14 @@ def reflect_implicit(
                 offset += len(p.slots)
             c, r = torch.tensor(chosen), torch.tensor(rejected)
             loss, st = step_dpo_loss(lp[c], lp[r], ref[c], ref[r], rcfg.beta)
+            if rcfg.nll_weight > 0:
+                # Optional λ · NLL(a^e | s) per token (not in METHOD.md's loss; default 0): DPO
+                # alone can raise the margin by lowering log π(a^e|s) too.
+                expert_slots = sorted(set(chosen))
+                n_tok = torch.tensor([len(slot_of(chunk, k).targets) for k in expert_slots], dtype=lp.dtype)
+                nll = -(lp[torch.tensor(expert_slots)] / n_tok.to(lp.device)).mean()
+                loss = loss + rcfg.nll_weight * nll
+                st["nll_expert"] = nll.detach()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             st["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, rcfg.max_grad_norm)
