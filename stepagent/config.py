@@ -171,6 +171,7 @@ class ImplicitRewardConfig(RewardConfig):
     batch_size: int = 4  # packed trajectories per optimizer step
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
+    nll_weight: float = 0.0  # optional λ·NLL(a^e|s) beside the DPO loss; 0 = METHOD.md's loss exactly
 
 
 @dataclass
