@@ -104,7 +104,7 @@ def ppo_update(model, opt, packs: Sequence[Packed], samples: Sequence[PPOSample]
             opt.step()
             for k, v in {"loss": loss, "pg_loss": pg_loss, "kl_ref": kl, "entropy": entropy,
                          "grad_norm": gnorm, **st}.items():
-                sums[k] += float(v)
+                sums[k] += float(v.detach()) if torch.is_tensor(v) else float(v)
             steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss):.3f}", clip=f"{float(st['clip_frac']):.2f}", refresh=False)
