@@ -16,6 +16,17 @@ CORPUS = [
 ]
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: extra intra-op threads only add sync cost (100x on a busy 2-core box)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from stepagent.agent.tokenizer import train_bpe_tokenizer

@@ -26,13 +26,7 @@ from stepagent.data.trajectory import Step, Trajectory
 AGENT_NONSENSE = ["eat the table", "xyzzy look", "sing to the wall", "throw red box at air"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add sync cost (100x on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(traj):

@@ -27,13 +27,7 @@ from tests.conftest import make_tiny_model
 LN2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add sync cost (100x on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_kl_estimators_by_hand():

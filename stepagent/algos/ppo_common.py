@@ -111,3 +111,26 @@ def ppo_update(model, opt, packs: Sequence[Packed], samples: Sequence[PPOSample]
     bar.close()
     model.eval()
     return {f"ppo/{k}": v / steps for k, v in sums.items()} | {"ppo/steps": steps, "ppo/samples": len(samples)}
+
+
+def ppo_step_on_samples(model, opt, packs: Sequence[Packed], samples: List[PPOSample], pcfg, pad_id: int,
+                        ref_params, seed: int, desc: str) -> Dict[str, float]:
+    """Fill each sample's old and reference log-probs, then run ``ppo_update``.
+
+    π_old is the current (sampling) policy. π_ref is the same policy when ``ref_params`` is
+    None, else those trainable-parameter values swapped in (the SFT snapshot): no second model.
+    """
+    from stepagent.algos.stepagent import swapped_trainable
+
+    if not samples:
+        return {"ppo/steps": 0, "ppo/samples": 0}
+    olds = token_logprobs_of(model, packs, samples, pad_id, pcfg.batch_size)
+    if ref_params is None:
+        refs = olds
+    else:
+        with swapped_trainable(model, ref_params):
+            refs = token_logprobs_of(model, packs, samples, pad_id, pcfg.batch_size)
+    for s, o, r in zip(samples, olds, refs):
+        s.logp_old, s.logp_ref = o, r
+    return ppo_update(model, opt, packs, samples, pcfg, pad_id, seed=seed, desc=desc)
+

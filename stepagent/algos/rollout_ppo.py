@@ -27,9 +27,8 @@ from typing import Any, Dict, List
 
 import torch
 
-from stepagent.algos.ppo_common import PPOSample, ppo_update, token_logprobs_of
-from stepagent.algos.stepagent import (CycleContext, cycle_subset, heldout_agreement, log_initial_agreement,
-                                       swapped_trainable, trainable_snapshot)
+from stepagent.algos.ppo_common import PPOSample, ppo_step_on_samples
+from stepagent.algos.stepagent import CycleContext, cycle_subset, heldout_agreement, log_initial_agreement, trainable_snapshot
 from stepagent.eval.evaluate import Episode, run_episodes
 from stepagent.train.packing import Packed, pack_trajectory
 from stepagent.train.ppo import drop_small_advantages, loo_advantages
@@ -95,18 +94,8 @@ def run_rollout_ppo_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
         kept_adv = [float(a) for a, k in zip(adv, keep.tolist()) if k]
         packs, index = rollout_packs(ctx.encoder, kept, cfg.policy.max_seq_len)
         samples = [PPOSample(p, j, kept_adv[e]) for p, j, e in index]
-        stats: Dict[str, Any] = {}
-        if samples:
-            olds = token_logprobs_of(model, packs, samples, pad, pcfg.batch_size)
-            if ref_params is None:
-                refs = olds
-            else:
-                with swapped_trainable(model, ref_params):
-                    refs = token_logprobs_of(model, packs, samples, pad, pcfg.batch_size)
-            for s, o, r in zip(samples, olds, refs):
-                s.logp_old, s.logp_ref = o, r
-            stats = ppo_update(model, opt, packs, samples, pcfg, pad, seed=cfg.seed + cycle,
-                               desc=f"cycle {cycle} PPO ({arm})")
+        stats = ppo_step_on_samples(model, opt, packs, samples, pcfg, pad, ref_params, seed=cfg.seed + cycle,
+                                    desc=f"cycle {cycle} PPO ({arm})")
 
         # 4. Held-out agreement, evaluation, checkpoint.
         held = heldout_agreement(ctx)

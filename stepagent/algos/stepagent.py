@@ -225,7 +225,7 @@ def by_step_means(values: Dict[tuple, float]) -> List[Optional[float]]:
 def reflect_inverse(ctx: "CycleContext", opt, disc, disc_opt, subset, segments, ref_params, cycle: int):
     """GAIL reflection: train D on expert vs agent pairs, reward agent actions with D, PPO."""
     from stepagent.algos.discriminator import accuracy, build_pairs, train_discriminator
-    from stepagent.algos.ppo_common import PPOSample, ppo_update, token_logprobs_of
+    from stepagent.algos.ppo_common import PPOSample, ppo_step_on_samples
     from stepagent.train.ppo import drop_small_advantages, loo_advantages
 
     cfg, rcfg, pcfg, model = ctx.cfg, ctx.cfg.reward, ctx.cfg.ppo, ctx.policy.model
@@ -251,16 +251,9 @@ def reflect_inverse(ctx: "CycleContext", opt, disc, disc_opt, subset, segments, 
     keep = drop_small_advantages(adv, pcfg.drop_advantage_below) if pcfg.drop_advantage_below > 0 \
         else torch.ones_like(adv, dtype=torch.bool)
     samples = [PPOSample(p, j, float(a)) for (p, j, *_), a, kp in zip(index, adv, keep) if kp]
-    olds = token_logprobs_of(model, packs, samples, pad, pcfg.batch_size)  # π_old = the sampling policy
-    if pcfg.reference == "cycle_start":
-        refs = olds
-    else:
-        with swapped_trainable(model, ref_params):
-            refs = token_logprobs_of(model, packs, samples, pad, pcfg.batch_size)
-    for smp, o, r in zip(samples, olds, refs):
-        smp.logp_old, smp.logp_ref = o, r
-    stats.update(ppo_update(model, opt, packs, samples, pcfg, pad, seed=cfg.seed + cycle,
-                            desc=f"cycle {cycle} PPO (inverse reward)"))
+    # π_old = the sampling policy (cycle start); π_ref = SFT snapshot, or the same policy.
+    stats.update(ppo_step_on_samples(model, opt, packs, samples, pcfg, pad, ref_params, seed=cfg.seed + cycle,
+                                     desc=f"cycle {cycle} PPO (inverse reward)"))
     stats["ppo/dropped_small_advantage"] = int((~keep).sum())
     curve = {"expert": by_step_means(expert_r), "agent": by_step_means(agent_r)}
     return stats, curve
