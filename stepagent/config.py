@@ -71,14 +71,18 @@ def _merge_typed(schema: type, node: Any, where: str) -> Any:
         ) from None
 
 
+def _validate_named(node: Any, schemas: Dict[str, type], what: str, key: str,
+                    group: Optional[str] = None, known: str = "known") -> Any:
+    """Pick ``node``'s schema by ``node[key]`` (verl-style registry) and merge into it."""
+    name = node.get(key) if isinstance(node, (dict, DictConfig)) else None
+    if name not in schemas:
+        raise ConfigError(f"unknown {what} {name!r}; {known}: {', '.join(sorted(schemas))}")
+    return _merge_typed(schemas[name], node, group or what)
+
+
 def validate_task_config(node: Any) -> Any:
     """Merge a ``task`` node into its schema (picked by ``name``)."""
-    name = node.get("name") if isinstance(node, (dict, DictConfig)) else None
-    if name not in TASK_SCHEMAS:
-        raise ConfigError(
-            f"unknown task {name!r}; registered tasks: {', '.join(sorted(TASK_SCHEMAS))}"
-        )
-    return _merge_typed(TASK_SCHEMAS[name], node, "task")
+    return _validate_named(node, TASK_SCHEMAS, "task", "name", known="registered tasks")
 
 
 # ----------------------------------------------------------------------------- policy
@@ -321,24 +325,11 @@ class Config:
 
 
 def validate_policy_config(node: Any) -> Any:
-    kind = node.get("kind") if isinstance(node, (dict, DictConfig)) else None
-    if kind not in POLICY_SCHEMAS:
-        raise ConfigError(f"unknown policy kind {kind!r}; known: {', '.join(sorted(POLICY_SCHEMAS))}")
-    return _merge_typed(POLICY_SCHEMAS[kind], node, "policy")
-
-
-def _validate_named(node: Any, schemas: Dict[str, type], group: str, key: str) -> Any:
-    name = node.get(key) if isinstance(node, (dict, DictConfig)) else None
-    if name not in schemas:
-        raise ConfigError(f"unknown {group} {name!r}; known: {', '.join(sorted(schemas))}")
-    return _merge_typed(schemas[name], node, group)
+    return _validate_named(node, POLICY_SCHEMAS, "policy kind", "kind", group="policy")
 
 
 def validate_reward_config(node: Any) -> Any:
-    name = node.get("name") if isinstance(node, (dict, DictConfig)) else None
-    if name not in REWARD_SCHEMAS:
-        raise ConfigError(f"unknown reward {name!r}; known: {', '.join(sorted(REWARD_SCHEMAS))}")
-    return _merge_typed(REWARD_SCHEMAS[name], node, "reward")
+    return _validate_named(node, REWARD_SCHEMAS, "reward", "name")
 
 
 def validate_config(cfg: DictConfig) -> DictConfig:

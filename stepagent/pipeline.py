@@ -89,7 +89,6 @@ def run_reflection(cfg, policy, encoder, task, experts, run_dir, logger, run_eva
 def run(raw_cfg: DictConfig) -> Dict[str, Any]:
     cfg = validate_config(raw_cfg)
     seed_everything(cfg.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg))

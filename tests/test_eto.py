@@ -28,7 +28,7 @@ def agent_episode(traj, actions, score=0.0, crashed=False, instance=None):
     inst = instance or TaskInstance("scienceworld", "find-animal", traj.id.rsplit("/", 1)[-1], "train", 10)
     return Episode(inst, instruction=traj.instruction, actions=list(actions),
                    env_actions=list(actions), observations=["Nothing happens."] * len(actions),
-                   score=score, done=True, crashed=crashed)
+                   score=score, crashed=crashed)
 
 
 # ----------------------------------------------------------------------------- log π(τ)

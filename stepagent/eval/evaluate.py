@@ -36,7 +36,6 @@ class Episode:
     env_actions: List[str] = field(default_factory=list)  # as parsed and sent to the environment
     observations: List[str] = field(default_factory=list)
     score: float = 0.0
-    done: bool = False
     crashed: bool = False
 
     def result(self) -> Dict[str, Any]:
@@ -126,7 +125,7 @@ def run_episodes(
                 live[slot] = ep
                 position[slot] = pos
                 if res.crashed:
-                    ep.crashed, ep.done = True, True
+                    ep.crashed = True
                     finish(slot)
         if not live:
             continue
@@ -151,7 +150,6 @@ def run_episodes(
             ep.score = 0.0 if res.crashed else res.score
             ep.crashed = res.crashed
             if res.done or res.crashed or len(ep.actions) >= ep.instance.max_steps:
-                ep.done = True
                 finish(slot)
     bar.close()
     return [finished[i] for i in range(len(instances))]
