@@ -15,6 +15,9 @@ import sys
 if not sys.stderr.isatty():
     os.environ.setdefault("TQDM_MININTERVAL", "30")
 
+# experiment configs are found under <repo>/experiments whatever the working directory
+os.environ.setdefault("STEPAGENT_ROOT", os.path.dirname(os.path.abspath(__file__)))
+
 import hydra
 from omegaconf import DictConfig
 

@@ -321,7 +321,8 @@ class Config:
     cycles: int = 3  # inspection + reflection cycles after SFT (ignored by reward=none)
     run_dir: str = MISSING
     cache_dir: str = MISSING
-    experiment: Optional[str] = None
+    experiment: Optional[str] = None  # set by experiments/experiment/<name>.yaml
+    arm: Optional[str] = None  # ablation arm (conf/arm), names the run in reports
 
 
 def validate_policy_config(node: Any) -> Any:
