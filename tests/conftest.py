@@ -7,6 +7,14 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)  # tests never talk to a W&B server
 
+# A real run.py job small enough for tests (seconds): one task type, a 2-layer 64-wide policy.
+SMALL_RUN = [
+    "task.task_types=[find-animal]", "task.train_per_type=6", "task.eval_per_type=2",
+    "policy.hidden_size=64", "policy.intermediate_size=128", "policy.num_layers=2",
+    "policy.vocab_size=1024", "policy.max_new_tokens=12",
+    "sft.epochs=2", "sft.batch_size=4",
+]
+
 CORPUS = [
     "Your task is to find a(n) animal. First, focus on the thing. Then, move it to the red box in the kitchen.",
     "This room is called the hallway. In it, you see: the agent, a substance called air, a picture.",

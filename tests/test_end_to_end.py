@@ -9,12 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-SMALL = [
-    "task.task_types=[find-animal]", "task.train_per_type=6", "task.eval_per_type=2",
-    "policy.hidden_size=64", "policy.intermediate_size=128", "policy.num_layers=2",
-    "policy.vocab_size=1024", "policy.max_new_tokens=12",
-    "sft.epochs=2", "sft.batch_size=4",
-]
+from conftest import SMALL_RUN as SMALL
 
 
 @pytest.fixture(scope="module")
