@@ -105,3 +105,42 @@ def test_loop_preset_sets_method_defaults(tmp_path):
     cfg = validate_config(composed(["algo=loop"], tmp_path))
     assert cfg.inspection.samples_per_state == 6  # K = 6 rollouts per task
     assert cfg.ppo.kl_coef == 0.0 and cfg.ppo.advantage == "loo" and cfg.ppo.drop_advantage_below == 0.01
+
+
+ARM_ALGO_REWARD = {"sft": ("sft", "none"), "implicit": ("stepagent", "implicit"),
+                   "inverse": ("stepagent", "inverse"), "outcome": ("stepagent", "outcome"),
+                   "loop": ("loop", "none"), "eto": ("eto", "none")}
+
+
+@pytest.mark.parametrize("arm", options("arm"))
+def test_every_arm_selects_its_algo_and_reward(arm, tmp_path):
+    cfg = validate_config(composed([f"arm={arm}"], tmp_path))
+    assert cfg.arm == arm
+    assert (cfg.algo.name, cfg.reward.name) == ARM_ALGO_REWARD[arm]
+
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments" / "experiment").glob("*.yaml"))
+SWEEP_LINES = [(p.name, i, line) for p in sorted((REPO / "experiments" / "sweeps").glob("*.txt"))
+               for i, line in enumerate(l.split("#", 1)[0].strip() for l in p.read_text().splitlines())
+               if line]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment, tmp_path, monkeypatch):
+    monkeypatch.setenv("STEPAGENT_ROOT", str(REPO))
+    cfg = validate_config(composed([f"experiment={experiment}"], tmp_path))
+    assert cfg.experiment == experiment
+
+
+@pytest.mark.parametrize("sweep,line_no,line", SWEEP_LINES)
+def test_every_sweep_line_composes(sweep, line_no, line, tmp_path, monkeypatch):
+    """A typo in a sweep file fails here, not in array task 37 on the cluster."""
+    import shlex
+
+    monkeypatch.setenv("STEPAGENT_ROOT", str(REPO))
+    overrides = shlex.split(line)
+    cfg = validate_config(composed(overrides, tmp_path))
+    for o in overrides:
+        key, value = o.split("=", 1)
+        if key in ("arm", "seed", "experiment"):
+            assert str(OmegaConf.select(cfg, key)) == value
