@@ -298,11 +298,16 @@ class PPOConfig:
 
 @dataclass
 class LoggerConfig:
+    """W&B run identity (stepagent/tracking.py ``wandb_identity``): None picks the default."""
+
     name: str = MISSING  # none | wandb
     project: str = "stepagent"
     entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    group: Optional[str] = None  # None: the experiment's name (the task's without one)
+    job_type: Optional[str] = None  # None: the arm (algo / algo-reward without one)
+    run_name: Optional[str] = None  # None: <arm>_s<seed>
+    tags: List[str] = field(default_factory=list)  # added to the automatic key:value tags
+    auto_tags: bool = True  # experiment/task/arm/algo/reward/policy/seed tags
     mode: Optional[str] = None  # online | offline; None: offline when no WANDB_API_KEY is set
 
 

@@ -25,7 +25,7 @@ from stepagent.data.trajectory import Trajectory
 from stepagent.envs import make_task
 from stepagent.envs.base import Task
 from stepagent.envs.pool import EnvPool
-from stepagent.eval.evaluate import evaluate, markdown_table
+from stepagent.eval.evaluate import SUMMARY_COLUMNS, evaluate, markdown_table, summary_rows
 from stepagent.tracking import RunLogger
 from stepagent.train.sft import sft_samples, train_sft
 
@@ -132,7 +132,10 @@ def _run(cfg, run_dir: Path, logger: RunLogger) -> Dict[str, Any]:
             logger.log(stats)
             policy.model.save_pretrained(str(run_dir / "checkpoints" / "sft"))
             policy.tokenizer.save_pretrained(str(run_dir / "checkpoints" / "sft"))
-        summaries["sft" if cfg.sft.enabled else "policy"] = run_eval("eval_sft" if cfg.sft.enabled else "eval")
+        start = summaries["sft" if cfg.sft.enabled else "policy"] = run_eval("eval_sft" if cfg.sft.enabled else "eval")
+        # cycle 0 of the eval-by-cycle curves: every arm (SFT alone too) starts from this point
+        logger.log({"cycle": 0, "eval/reward_x100": start["overall"]["reward_x100"],
+                    "eval/success_rate": start["overall"]["success_rate"]})
 
         cycles = run_reflection(cfg, policy, encoder, task, experts, run_dir, logger, run_eval, pool, cache_dir)
         for row in cycles:
@@ -146,6 +149,8 @@ def _run(cfg, run_dir: Path, logger: RunLogger) -> Dict[str, Any]:
     resources = {"peak_rss_mb": peak_rss_mb(), "policy_parameters": policy.num_parameters(),
                  "trainable_parameters": policy.num_parameters(trainable_only=True)}
     logger.log({f"resources/{k}": v for k, v in resources.items()})
+    logger.log_table("results", ["policy", *SUMMARY_COLUMNS],
+                     [[label, *row] for label, s in summaries.items() for row in summary_rows(s)])
     (run_dir / "results.json").write_text(
         json.dumps({"summaries": summaries, "sft": stats, "cycles": cycles, "resources": resources}, indent=1))
     print(f"\nEvaluation on {cfg.task.name} {cfg.eval.split} ({len(instances)} episodes):\n\n{table}\n")

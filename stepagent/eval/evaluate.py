@@ -67,6 +67,15 @@ def summarize(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     return {"overall": agg(results), "per_type": {k: agg(v) for k, v in sorted(by_type.items())}}
 
 
+SUMMARY_COLUMNS = ["task_type", "episodes", "reward_x100", "success_rate", "avg_steps", "crashed"]
+
+
+def summary_rows(summary: Dict[str, Any]) -> List[List[Any]]:
+    """``summarize`` output as table rows: one per task type, then "all"."""
+    rows = list(summary["per_type"].items()) + [("all", summary["overall"])]
+    return [[name] + [m[c] for c in SUMMARY_COLUMNS[1:]] for name, m in rows]
+
+
 def markdown_table(summaries: Dict[str, Dict[str, Any]]) -> str:
     """One row per (policy label, task type); ``summaries`` maps a label to ``summarize`` output."""
     lines = [
@@ -184,8 +193,10 @@ def evaluate(
         logger.log({f"{tag}/reward_x100": o["reward_x100"], f"{tag}/success_rate": o["success_rate"],
                     f"{tag}/avg_steps": o["avg_steps"], f"{tag}/crashed": o["crashed"]})
         logger.log_table(
-            f"{tag}/per_type",
-            ["task_type", "episodes", "reward_x100", "success_rate", "avg_steps"],
-            [[k, v["episodes"], v["reward_x100"], v["success_rate"], v["avg_steps"]] for k, v in summary["per_type"].items()],
+            f"{tag}/episodes",
+            ["task_type", "variation", "reward", "success", "steps", "crashed"],
+            [[r["task_type"], ep.instance.index, r["reward"], r["won"], r["steps"], r["crashed"]]
+             for ep, r in zip(episodes, results)],
         )
+        logger.log_table(f"{tag}/summary", SUMMARY_COLUMNS, summary_rows(summary))
     return summary
