@@ -287,11 +287,11 @@ class PPOConfig:
     epochs: int = 2
     lr: float = 1e-5
     max_grad_norm: float = 1.0
-    advantage: str = "loo"  # loo (leave-one-out over K samples) | gae (value head)
+    advantage: str = "loo"  # loo (leave-one-out over K samples) | gae (value head on the policy, GAE(γ, λ))
     gamma: float = 1.0
     lam: float = 0.95
     reference: str = "sft"  # π_ref of the KL term: sft | cycle_start
-    value_coef: float = 0.5  # gae only
+    value_coef: float = 0.5  # gae only: c_V of the clipped value loss (clipped at clip_eps around V_old)
     drop_advantage_below: float = 0.0  # LOOP drops samples with |A| < 0.01
     batch_size: int = 4  # packed trajectories / rollouts per forward
 
@@ -351,11 +351,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
             + " | ".join(ALGO_REWARDS[algo.name])
             + ("" if algo.name == "stepagent" else " (use algo=stepagent for step rewards)")
         )
-    if (cfg.get("ppo") or {}).get("advantage") == "gae":
-        raise ConfigError(
-            "ppo.advantage=gae: the value head and token-level GAE exist as tested functions "
-            "(stepagent/train/ppo.py) but no trainer uses them yet; use ppo.advantage=loo"
-        )
+    advantage = (cfg.get("ppo") or {}).get("advantage", "loo")
+    if advantage not in ("loo", "gae"):
+        raise ConfigError(f"ppo.advantage must be loo | gae, got {advantage!r}")
     rest = {k: v for k, v in cfg.items() if k not in ("task", "policy", "reward", "algo")}
     typed = _merge_typed(Config, rest, "<root>")
     typed.task = task

@@ -87,6 +87,9 @@ def test_implicit_cycle_on_scienceworld(tmp_path, run_py):
 ARMS = {
     "inverse": ["reward=inverse", "reward.disc_hidden_size=32", "reward.disc_num_layers=1", "ppo.epochs=1"],
     "outcome": ["reward=outcome", "ppo.epochs=1"],
+    "outcome_gae": ["reward=outcome", "ppo.advantage=gae", "ppo.epochs=1"],
+    "inverse_gae": ["reward=inverse", "reward.disc_hidden_size=32", "reward.disc_num_layers=1", "ppo.epochs=1",
+                    "ppo.advantage=gae"],
     "loop": ["algo=loop", "inspection.samples_per_state=2", "ppo.epochs=1"],
     "eto": ["algo=eto"],
 }
@@ -105,20 +108,25 @@ def test_reflection_arms_on_scienceworld(arm, tmp_path, run_py):
     results = json.loads((run_dir / "results.json").read_text())
     (cycle,) = results["cycles"]
     assert cycle["cycle"] == 1 and "eval/reward_x100" in cycle
-    if arm == "inverse":
+    if arm in ("inverse", "inverse_gae"):
         assert cycle["ppo/steps"] >= 1 and cycle["disc/steps_train"] >= 1
         assert 0.0 <= cycle["disc/acc_train"] <= 1.0
         assert len(cycle["step_reward/agent_by_step"]) >= 5
-    elif arm in ("outcome", "loop"):
+    elif arm in ("outcome", "outcome_gae", "loop"):
         assert cycle["rollout/episodes"] == 3 * 2
         assert (run_dir / "cycles/cycle_1/rollouts.jsonl").exists()
     else:
         assert (run_dir / "cycles/cycle_1/exploration.jsonl").exists()
+    if arm.endswith("_gae"):
+        # the critic trains in the same PPO steps as the policy
+        assert cycle["ppo/steps"] >= 1 and cycle["ppo/value_loss"] > 0 and "ppo/explained_variance" in cycle
+    if arm == "outcome_gae":
+        assert cycle["ppo/samples"] > 0 and cycle["rollout/dropped_small_advantage"] == 0  # no loo dropping
     sft = load_file(run_dir / "checkpoints/sft/model.safetensors")
     cyc = load_file(run_dir / "checkpoints/cycle_1/model.safetensors")
     changed = any(not torch.equal(sft[k], cyc[k]) for k in sft)
     # outcome/LOOP/ETO only update when some rollout has a non-zero advantage (or failed, for ETO)
     trained = cycle.get("ppo/steps", cycle.get("dpo/steps", 0)) > 0
     assert changed == trained
-    if arm == "inverse":
+    if arm in ("inverse", "inverse_gae"):
         assert changed

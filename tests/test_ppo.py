@@ -164,7 +164,8 @@ def test_packed_token_logprobs_sum_to_packed_forward(tiny_tokenizer, sample_traj
     packs = [pack_trajectory(base, branches), pack_trajectory(base, {1: [enc.encode_action("look")]})]
     model = make_tiny_model(tok).float()
     sums, _ = packed_forward(model, packs, tok.pad_token_id)
-    lps, ents = packed_token_logprobs(model, packs, tok.pad_token_id, with_entropy=True)
+    lps, ents, vals = packed_token_logprobs(model, packs, tok.pad_token_id, with_entropy=True)
+    assert vals is None  # no value head
     assert [len(x) for x in lps] == [len(p.slots) for p in packs]
     flat = torch.stack([t.sum() for per_pack in lps for t in per_pack])
     assert torch.allclose(flat, sums, atol=1e-5)

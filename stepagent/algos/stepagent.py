@@ -223,9 +223,16 @@ def by_step_means(values: Dict[tuple, float]) -> List[Optional[float]]:
 
 
 def reflect_inverse(ctx: "CycleContext", opt, disc, disc_opt, subset, segments, ref_params, cycle: int):
-    """GAIL reflection: train D on expert vs agent pairs, reward agent actions with D, PPO."""
+    """GAIL reflection: train D on expert vs agent pairs, reward agent actions with D, PPO.
+
+    Each (expert prefix s_t^e, agent action â_t^k) is a one-step sample with step reward r_k.
+    ppo.advantage=loo: A_k = r_k - mean_{i≠k} r_i over the K samples of the state.
+    ppo.advantage=gae: A_k = r_k - V_old(s_t^e) — GAE over a single step is its TD residual
+    with V(terminal) = 0 — and V(s) is regressed to r (``ppo_common.set_one_step_gae``).
+    """
     from stepagent.algos.discriminator import accuracy, build_pairs, train_discriminator
-    from stepagent.algos.ppo_common import PPOSample, ppo_step_on_samples
+    from stepagent.algos.ppo_common import (PPOSample, fill_old_logprobs, ppo_step_on_samples, ppo_update,
+                                            set_one_step_gae)
     from stepagent.train.ppo import drop_small_advantages, loo_advantages
 
     cfg, rcfg, pcfg, model = ctx.cfg, ctx.cfg.reward, ctx.cfg.ppo, ctx.policy.model
@@ -245,15 +252,29 @@ def reflect_inverse(ctx: "CycleContext", opt, disc, disc_opt, subset, segments, 
     rewards = torch.tensor([agent_r[(tid, t, k)] for _, _, tid, t, k in index])
     if rcfg.normalize == "batch" and rewards.numel() > 1:
         rewards = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-8)
-    groups = {}
-    gid = torch.tensor([groups.setdefault((tid, t), len(groups)) for _, _, tid, t, _ in index])
-    adv = loo_advantages(rewards, gid)  # A_k = r_k - mean_{i≠k} r_i over the K samples of a state
-    keep = drop_small_advantages(adv, pcfg.drop_advantage_below) if pcfg.drop_advantage_below > 0 \
-        else torch.ones_like(adv, dtype=torch.bool)
-    samples = [PPOSample(p, j, float(a)) for (p, j, *_), a, kp in zip(index, adv, keep) if kp]
     # π_old = the sampling policy (cycle start); π_ref = SFT snapshot, or the same policy.
-    stats.update(ppo_step_on_samples(model, opt, packs, samples, pcfg, pad, ref_params, seed=cfg.seed + cycle,
-                                     desc=f"cycle {cycle} PPO (inverse reward)"))
+    desc = f"cycle {cycle} PPO (inverse reward, {pcfg.advantage})"
+    head = ctx.value_head if pcfg.advantage == "gae" else None
+    if head is None:
+        groups = {}
+        gid = torch.tensor([groups.setdefault((tid, t), len(groups)) for _, _, tid, t, _ in index])
+        adv = loo_advantages(rewards, gid)  # A_k = r_k - mean_{i≠k} r_i over the K samples of a state
+        keep = drop_small_advantages(adv, pcfg.drop_advantage_below) if pcfg.drop_advantage_below > 0 \
+            else torch.ones_like(adv, dtype=torch.bool)
+        samples = [PPOSample(p, j, float(a)) for (p, j, *_), a, kp in zip(index, adv, keep) if kp]
+        stats.update(ppo_step_on_samples(model, opt, packs, samples, pcfg, pad, ref_params, seed=cfg.seed + cycle,
+                                         desc=desc))
+    else:
+        # V_old(s) from the old-log-prob forward, then A = r - V_old(s) (one-step GAE).
+        samples = [PPOSample(p, j, 0.0) for p, j, *_ in index]
+        fill_old_logprobs(model, packs, samples, pcfg, pad, ref_params, head)
+        set_one_step_gae(samples, rewards)
+        adv = torch.tensor([s.advantage for s in samples])
+        keep = drop_small_advantages(adv, pcfg.drop_advantage_below) if pcfg.drop_advantage_below > 0 \
+            else torch.ones_like(adv, dtype=torch.bool)
+        samples = [s for s, kp in zip(samples, keep.tolist()) if kp]
+        stats.update(ppo_update(model, opt, packs, samples, pcfg, pad, seed=cfg.seed + cycle, desc=desc,
+                                value_head=head) if samples else {"ppo/steps": 0, "ppo/samples": 0})
     stats["ppo/dropped_small_advantage"] = int((~keep).sum())
     curve = {"expert": by_step_means(expert_r), "agent": by_step_means(agent_r)}
     return stats, curve
@@ -272,6 +293,9 @@ class CycleContext:
     logger: Any
     evaluate: Any  # callable(tag) -> summary
     pool: Any = None  # the EnvPool, for algorithms that roll out in the environment
+    # ppo.advantage=gae: the critic (train.ppo.ValueHead), created once per run by
+    # ppo_common.value_head_for and trained across cycles; part of a checkpoint. None otherwise.
+    value_head: Any = None
 
 
 def heldout_agreement(ctx: CycleContext) -> Dict[str, Any]:
@@ -312,7 +336,10 @@ def run_stepagent_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
     else:
         from stepagent.algos.discriminator import Discriminator, DiscriminatorConfig
 
-        opt = torch.optim.AdamW(params, lr=cfg.ppo.lr)
+        from stepagent.algos.ppo_common import ppo_optimizer, value_head_for
+
+        # policy (+ value head with ppo.advantage=gae, kept on ctx.value_head) in one optimizer
+        opt = ppo_optimizer(model, cfg.ppo, value_head_for(ctx))
         dcfg = DiscriminatorConfig(hidden_size=rcfg.disc_hidden_size, num_layers=rcfg.disc_num_layers,
                                    num_heads=rcfg.disc_num_heads, max_len=rcfg.disc_max_len,
                                    lr=rcfg.disc_lr, epochs=rcfg.disc_epochs, batch_size=rcfg.disc_batch_size)

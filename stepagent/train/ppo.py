@@ -16,6 +16,7 @@ ratio, loss averaged over generated tokens).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -199,9 +200,11 @@ def gae_token_level(
     of action t+1. γ and λ apply per generated token. A reward must sit on an action
     token (usually the last token of a turn); one placed on an observation token is
     credited to the closest preceding action token (the action that caused it).
-    ``values[j]`` is the critic's value at token j (the value head read on the
-    token's own position). Observation/padding tokens get A = R = 0 and must be
-    excluded from the losses via ``action_mask``.
+    ``values[j]`` is the critic's value of the state in which token j is chosen,
+    V(x_<j): the value head read on the hidden state that predicts token j (position
+    j-1, ``ActionSlot.preds``), as the policy's log-prob of token j is. Values at
+    non-action positions are never read. Observation/padding tokens get A = R = 0 and
+    must be excluded from the losses via ``action_mask``.
 
     All of [L]; returns (advantages [L], returns [L]).
     """
@@ -221,6 +224,43 @@ def gae_token_level(
     adv[idx] = a
     ret[idx] = rt
     return adv, ret
+
+
+def gae_over_slots(
+    slot_values: Sequence[torch.Tensor], reward: float, gamma: float, lam: float
+) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Token-level GAE of one multi-turn rollout, from the values of its action slots.
+
+    ``slot_values[t]`` = V_old(x_<j) at the tokens j of the rollout's t-th action, in order.
+    Their concatenation is the chain j_1 < ... < j_M of ``gae_token_level``: generated tokens
+    only, observation and instruction tokens are not in any slot, so they are skipped. The
+    final score R is the only reward, on the last action token, and the episode ends there:
+
+        r_{j_m} = R·[m = M],   δ_m = r_{j_m} + γ V_{j_{m+1}} - V_{j_m}  (V_{j_{M+1}} = 0),
+        A_m = δ_m + γλ A_{m+1},   R_m = A_m + V_{j_m}
+
+    i.e. exactly ``gae_token_level`` on the packed rollout with its action mask (a rollout cut
+    into one window per step has its chain spread over several packs; this works on either).
+    Returns per-slot (advantages, returns), shaped like ``slot_values``.
+    """
+    v = torch.cat(list(slot_values)).float()
+    r = torch.zeros_like(v)
+    if v.numel():
+        r[-1] = reward
+    adv, ret = gae(r, v, gamma, lam)  # [M] values: V after the last token is 0 (terminal)
+    sizes = [len(x) for x in slot_values]
+    return list(torch.split(adv, sizes)), list(torch.split(ret, sizes))
+
+
+def one_step_advantage(rewards: torch.Tensor, state_values: torch.Tensor) -> torch.Tensor:
+    """Advantage of one-step samples (an action a in state s, then the sample ends):
+
+        A = δ = r + γ·V(terminal) - V(s) = r - V(s)        (V(terminal) = 0)
+
+    GAE over a single step is its TD residual (no λ-sum, nothing after it), and the value
+    target is R = A + V(s) = r. The same A is used for every token of the action.
+    """
+    return rewards.float() - state_values.float()
 
 
 def drop_small_advantages(adv: torch.Tensor, threshold: float = 0.01) -> torch.Tensor:
@@ -259,6 +299,45 @@ def forward_with_values(model, value_head: ValueHead, **inputs) -> Tuple[torch.T
     return out.logits, value_head(out.hidden_states[-1])
 
 
+def make_value_head(model, seed: int) -> ValueHead:
+    """A fresh ValueHead for ``model``'s hidden size, on its device, initialised from
+    ``seed`` without advancing the global RNG (so sampling streams do not depend on it)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = ValueHead(model.config.hidden_size)
+    return head.to(next(model.parameters()).device)
+
+
+@contextlib.contextmanager
+def lm_head_input(model):
+    """Capture the LM head's input — the final normed hidden state [B, T, H] — during a forward.
+
+    The value head reads the same hidden state the LM head does. A pre-hook on the output
+    embedding gets it without ``output_hidden_states=True``, which would also keep every
+    layer's hidden states alive until the forward returns (33 tensors of [B, T, H] for a
+    32-layer model, in the no-grad pass too). Yields a dict whose ``"h"`` is set by the forward.
+    """
+    box: Dict[str, torch.Tensor] = {}
+
+    def pre_hook(_module, args):
+        box["h"] = args[0]
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(pre_hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> Optional[float]:
+    """EV = 1 - Var(R - V) / Var(R): 1 for a perfect critic, 0 for a constant one, < 0 worse
+    than a constant. None (undefined) when the returns have no variance."""
+    var_r = returns.float().var(unbiased=False)
+    if not var_r > 0:
+        return None
+    return float(1.0 - (returns.float() - values.float()).var(unbiased=False) / var_r)
+
+
 # ----------------------------------------------------------------------------- log-probs
 def masked_token_logprobs(
     logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
@@ -274,13 +353,17 @@ def masked_token_logprobs(
 
 
 def packed_token_logprobs(
-    model, packs: Sequence[Packed], pad_id: int, with_entropy: bool = False
-) -> Tuple[List[List[torch.Tensor]], Optional[List[List[torch.Tensor]]]]:
-    """Per-token log-probs of every action slot of packed sequences (one forward pass).
+    model, packs: Sequence[Packed], pad_id: int, with_entropy: bool = False,
+    value_head: Optional[ValueHead] = None,
+) -> Tuple[List[List[torch.Tensor]], Optional[List[List[torch.Tensor]]], Optional[List[List[torch.Tensor]]]]:
+    """Per-token log-probs (and values) of every action slot of packed sequences (one forward pass).
 
-    Returns ``(logps, entropies)``: ``logps[b][i]`` is a 1D tensor of the log-probs of
+    Returns ``(logps, entropies, values)``: ``logps[b][i]`` is a 1D tensor of the log-probs of
     ``packs[b].slots[i]``'s tokens, in order; ``entropies`` has the same layout (the
-    entropy of the distribution each of those tokens was drawn from) or is None.
+    entropy of the distribution each of those tokens was drawn from) or is None;
+    ``values`` (with ``value_head``) too: V(x_<j) for each token j of the slot, the value
+    head read on the same hidden state (row ``preds[j]``) whose logits score token j — so
+    values[b][i][0] is the value of the state the action is taken in. None without a head.
     Same rows as ``packing.action_logprobs`` (logit row ``preds[j]`` scores token
     ``targets[j]``), so ``logps[b][i].sum()`` is that slot's ``packed_forward`` value.
     """
@@ -288,8 +371,9 @@ def packed_token_logprobs(
     dev = next(model.parameters()).device
     batch = collate_packed(packs, pad_id, dtype=dtype if dtype.is_floating_point else torch.float32)
     batch = {k: v.to(dev) for k, v in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], use_cache=False).logits
+    with (lm_head_input(model) if value_head is not None else contextlib.nullcontext({})) as hidden:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], use_cache=False).logits
     rows_b, rows_p, sizes = [], [], []
     for b, p in enumerate(packs):
         for s in p.slots:
@@ -297,12 +381,14 @@ def packed_token_logprobs(
             rows_p.extend(s.preds)
             sizes.append(len(s.targets))
     rb = torch.tensor(rows_b, dtype=torch.long, device=dev)
+    rp = torch.tensor(rows_p, dtype=torch.long, device=dev)
     tok = batch["input_ids"][rb, torch.tensor([t for p in packs for s in p.slots for t in s.targets],
                                               dtype=torch.long, device=dev)]
     # Only the rows that predict an action token go through the float32 log_softmax.
-    logq = F.log_softmax(logits[rb, torch.tensor(rows_p, dtype=torch.long, device=dev)].float(), dim=-1)
+    logq = F.log_softmax(logits[rb, rp].float(), dim=-1)
     lp = logq.gather(-1, tok[:, None]).squeeze(-1)
     ent = -(logq.exp() * logq).sum(-1) if with_entropy else None
+    val = value_head(hidden["h"][rb, rp][None])[0] if value_head is not None else None
 
     def _nest(flat: torch.Tensor) -> List[List[torch.Tensor]]:
         per_slot = list(torch.split(flat, sizes))
@@ -312,4 +398,4 @@ def packed_token_logprobs(
             k += len(p.slots)
         return out
 
-    return _nest(lp), (_nest(ent) if ent is not None else None)
+    return _nest(lp), (_nest(ent) if ent is not None else None), (_nest(val) if val is not None else None)
