@@ -26,6 +26,7 @@ from stepagent.config import ConfigError
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
+    from stepagent.checkpoint import Preempted
     from stepagent.pipeline import run
 
     try:
@@ -34,6 +35,9 @@ def main(cfg: DictConfig):
         logging.getLogger("run").error("%s", e)
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        # SIGTERM / SIGUSR1: the newest complete checkpoint is on disk; `resume=auto` continues
+        sys.exit(e.exit_code)  # 143
 
 
 if __name__ == "__main__":

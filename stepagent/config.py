@@ -312,6 +312,19 @@ class LoggerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Resumable checkpoints after SFT and after every cycle (stepagent/checkpoint.py)."""
+
+    # Checkpoints that keep their resume state (optimizer, RNG, discriminator, π_ref snapshot),
+    # newest first; older ones are reduced to the policy weights. None: keep all.
+    keep_last: Optional[int] = None
+    keep_weights: bool = True  # false: a pruned checkpoint is deleted, weights included
+    # After SIGTERM/SIGUSR1 under SLURM (SLURM_JOB_ID set) also run `scontrol requeue $SLURM_JOB_ID`.
+    # Leave false with slurm/*.sbatch: their wrapper requeues.
+    requeue: bool = False
+
+
+@dataclass
 class Config:
     task: Any = MISSING
     policy: Any = MISSING
@@ -328,6 +341,10 @@ class Config:
     cache_dir: str = MISSING
     experiment: Optional[str] = None  # set by experiments/experiment/<name>.yaml
     arm: Optional[str] = None  # ablation arm (conf/arm), names the run in reports
+    # null: start fresh | auto: continue from the newest complete checkpoint in run_dir (start
+    # fresh if none; a finished run only reprints its results) | <path>: a checkpoint folder or a run folder
+    resume: Optional[str] = None
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def validate_policy_config(node: Any) -> Any:
@@ -356,6 +373,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"ppo.advantage must be loo | gae, got {advantage!r}")
     rest = {k: v for k, v in cfg.items() if k not in ("task", "policy", "reward", "algo")}
     typed = _merge_typed(Config, rest, "<root>")
+    keep = typed.checkpoint.keep_last
+    if keep is not None and keep < 1:
+        raise ConfigError(f"checkpoint.keep_last must be >= 1 or null (keep all), got {keep}")
     typed.task = task
     typed.policy = policy
     typed.reward = reward

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import subprocess
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -19,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from stepagent.agent.policy import Policy, build_policy
 from stepagent.agent.prompts import PromptEncoder
 from stepagent.algos.stepagent import CycleContext, run_stepagent_cycles
-from stepagent.config import validate_config
+from stepagent.checkpoint import (Checkpoint, Checkpointer, Preempted, check_preemption, latest_checkpoint,
+                                  preemption_signals, resolve_resume)
+from stepagent.config import ConfigError, validate_config
 from stepagent.data.experts import load_or_build_experts
 from stepagent.data.trajectory import Trajectory
 from stepagent.envs import make_task
@@ -65,7 +69,8 @@ def make_encoder(policy: Policy, cfg, task: Task) -> PromptEncoder:
     )
 
 
-def run_reflection(cfg, policy, encoder, task, experts, run_dir, logger, run_eval, pool, cache_dir):
+def run_reflection(cfg, policy, encoder, task, experts, run_dir, logger, run_eval, pool, cache_dir,
+                   checkpoints: Optional[Checkpointer] = None):
     """The training cycles after SFT, chosen by ``algo`` (and ``reward`` for StepAgent)."""
     algo, reward = cfg.algo.name, cfg.reward.name
     if cfg.cycles <= 0 or algo == "sft" or (algo == "stepagent" and reward == "none"):
@@ -74,7 +79,8 @@ def run_reflection(cfg, policy, encoder, task, experts, run_dir, logger, run_eva
     if cfg.inspection.heldout_trajectories:
         heldout = load_or_build_experts(task, cfg.eval.split, cache_dir, task.num_workers)
         heldout = heldout[: cfg.inspection.heldout_trajectories]
-    ctx = CycleContext(cfg, policy, encoder, task, experts, heldout, run_dir, logger, run_eval, pool)
+    ctx = CycleContext(cfg, policy, encoder, task, experts, heldout, run_dir, logger, run_eval, pool,
+                       checkpoints=checkpoints)
     if algo == "eto":
         from stepagent.algos.eto import run_eto_iterations
 
@@ -86,20 +92,131 @@ def run_reflection(cfg, policy, encoder, task, experts, run_dir, logger, run_eva
     return run_stepagent_cycles(ctx)
 
 
+# ----------------------------------------------------------------------------- resume
+# Config keys a resumed run may change without a warning (where things go, not what is computed).
+RESUME_FREE_KEYS = ("resume", "run_dir", "cache_dir", "logger", "checkpoint", "cycles", "task.num_workers",
+                    "task.step_timeout_s")
+
+
+def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    if not isinstance(d, dict) or not d:
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_changes(saved: Optional[Dict[str, Any]], cfg) -> List[str]:
+    """Dotted keys whose value differs from the checkpoint's config (the free keys aside)."""
+    if not saved:
+        return []
+    a, b = _flat(saved), _flat(OmegaConf.to_container(cfg, resolve=True))
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return [k for k in keys if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS)]
+
+
+def finished_results(run_dir: Path) -> Dict[str, Any]:
+    """resume=auto on a finished run: print its results again and change nothing."""
+    results = json.loads((run_dir / "results.json").read_text())
+    md = run_dir / "results.md"
+    print(f"\nThis run has finished; its results ({run_dir / 'results.json'}):\n\n"
+          f"{md.read_text() if md.exists() else json.dumps(results['summaries'], indent=1)}")
+    print(f"Run directory: {run_dir}")
+    return {"summaries": results["summaries"], "sft": results["sft"], "cycles": results["cycles"],
+            "run_dir": str(run_dir), "finished_before": True}
+
+
+def prepare_resume(cfg, run_dir: Path) -> Optional[Checkpoint]:
+    """The checkpoint ``resume`` names (None: start from the beginning), with ``metrics.jsonl``
+    cut back to the rows logged before it: those after belong to the stage that is redone."""
+    if cfg.resume is None:
+        return None
+    try:
+        resumed = resolve_resume(cfg.resume, run_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    metrics = run_dir / "metrics.jsonl"
+    if resumed is None:
+        log.info("resume=%s: no complete checkpoint in %s, starting from the beginning", cfg.resume, run_dir)
+        metrics.unlink(missing_ok=True)  # rows of an attempt that stopped before its first checkpoint
+        return None
+    size = int(resumed.meta["logger"].get("metrics_bytes", 0))
+    if resumed.run_dir.resolve() == run_dir.resolve():
+        if metrics.exists() and metrics.stat().st_size >= size:
+            os.truncate(metrics, size)
+        else:
+            log.warning("%s is shorter than when %s was written; keeping it as it is", metrics, resumed.path)
+    else:  # another run's checkpoint: this run starts with that run's rows up to it
+        src = resumed.run_dir / "metrics.jsonl"
+        metrics.write_bytes(src.read_bytes()[:size] if src.exists() else b"")
+    changed = config_changes(resumed.meta.get("config"), cfg)
+    if changed:
+        log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
+    log.info("resuming from %s (%s)", resumed.path,
+             f"after cycle {resumed.cycle}" if resumed.cycle else f"after stage {resumed.meta['stage']}")
+    return resumed
+
+
+def continue_wandb_steps(logger: RunLogger, resumed: Checkpoint) -> None:
+    """A resumed W&B run continues at the checkpoint's step, or after the server's last step
+    (online: what the stopped attempt logged after the checkpoint stays in W&B's history, which
+    only W&B's rewind could cut). Offline, W&B restarts at step 0 without this."""
+    wb, saved = logger.wandb_run, resumed.meta["logger"].get("wandb_step")
+    if wb is None or saved is None:
+        return
+    wb.log({"resumed_from_cycle": resumed.cycle}, step=max(int(saved), wb.step), commit=True)
+
+
+def on_preempted(e: Preempted, cfg, run_dir: Path, logger: RunLogger) -> None:
+    """Say what the next attempt continues from; mark the W&B run; optionally requeue."""
+    newest = latest_checkpoint(run_dir)
+    log.warning("%s. Newest complete checkpoint: %s. Exiting with code %d; the same command with "
+                "resume=auto continues from it.", e, newest or "none (a resumed run starts from the beginning)",
+                e.exit_code)
+    if logger.wandb_run is not None:
+        try:
+            logger.wandb_run.mark_preempting()
+        except Exception as err:  # never let bookkeeping hide the preemption
+            log.warning("W&B mark_preempting failed: %s", err)
+    job = os.environ.get("SLURM_JOB_ID")
+    if cfg.checkpoint.requeue and job:
+        log.warning("requeueing SLURM job %s", job)
+        subprocess.run(["scontrol", "requeue", job], check=False)
+
+
+def eval_label(tag: str) -> str:
+    """The results-table label of an evaluation tag (eval_cycle_2 -> cycle 2)."""
+    return {"eval_init": "init", "eval_sft": "sft", "eval": "policy"}.get(tag) or \
+        tag.removeprefix("eval_").replace("_", " ")
+
+
 def run(raw_cfg: DictConfig) -> Dict[str, Any]:
     cfg = validate_config(raw_cfg)
-    seed_everything(cfg.seed)
     run_dir = Path(cfg.run_dir)
+    if cfg.resume == "auto" and (run_dir / "results.json").exists():
+        return finished_results(run_dir)
+    seed_everything(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
+    resumed = prepare_resume(cfg, run_dir)
     (run_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg))
-    logger = RunLogger(run_dir, cfg, cfg.logger)
+    same_run = resumed is not None and resumed.run_dir.resolve() == run_dir.resolve()
+    logger = RunLogger(run_dir, cfg, cfg.logger,
+                       resume_run_id=resumed.meta["logger"].get("wandb_id") if same_run else None)
+    if same_run:
+        continue_wandb_steps(logger, resumed)
     try:
-        return _run(cfg, run_dir, logger)
+        with preemption_signals():
+            return _run(cfg, run_dir, logger, resumed)
+    except Preempted as e:
+        on_preempted(e, cfg, run_dir, logger)
+        raise
     finally:
         logger.finish()
 
 
-def _run(cfg, run_dir: Path, logger: RunLogger) -> Dict[str, Any]:
+def _run(cfg, run_dir: Path, logger: RunLogger, resumed: Optional[Checkpoint] = None) -> Dict[str, Any]:
     task = make_task(cfg.task)
     cache_dir = Path(cfg.cache_dir)
     experts = load_or_build_experts(task, "train", cache_dir, task.num_workers)
@@ -113,34 +230,44 @@ def _run(cfg, run_dir: Path, logger: RunLogger) -> Dict[str, Any]:
     if cfg.eval.max_episodes:
         instances = instances[: cfg.eval.max_episodes]
 
-    summaries: Dict[str, Any] = {}
+    # Evaluation summaries and SFT stats so far (restored when resuming), and the checkpoints.
+    ckpt = Checkpointer(run_dir, cfg, logger, policy, resumed)
+    if resumed is not None:
+        resumed.load(policy.model)
     with EnvPool(task.env_factory(), task.num_workers, cfg.task.step_timeout_s) as pool:
 
         def run_eval(tag: str):
-            return evaluate(
+            summary = evaluate(
                 policy.model, policy.tokenizer, encoder, task, instances, pool,
                 cfg.policy.max_new_tokens, cfg.eval.temperature, out_dir=run_dir, tag=tag, logger=logger,
             )
+            ckpt.summaries[eval_label(tag)] = summary
+            return summary
 
-        if cfg.eval.before_sft:
-            summaries["init"] = run_eval("eval_init")
-        stats: Dict[str, Any] = {}
-        if cfg.sft.enabled:
-            samples = sft_samples(experts, encoder, cfg.policy.max_seq_len)
-            log.info("SFT on %d sequences", len(samples))
-            stats = train_sft(policy.model, samples, cfg.sft, policy.tokenizer.pad_token_id, logger, cfg.seed)
-            logger.log(stats)
-            policy.model.save_pretrained(str(run_dir / "checkpoints" / "sft"))
-            policy.tokenizer.save_pretrained(str(run_dir / "checkpoints" / "sft"))
-        start = summaries["sft" if cfg.sft.enabled else "policy"] = run_eval("eval_sft" if cfg.sft.enabled else "eval")
-        # cycle 0 of the eval-by-cycle curves: every arm (SFT alone too) starts from this point
-        logger.log({"cycle": 0, "eval/reward_x100": start["overall"]["reward_x100"],
-                    "eval/success_rate": start["overall"]["success_rate"]})
+        if resumed is None:
+            if cfg.eval.before_sft:
+                run_eval("eval_init")
+            if cfg.sft.enabled:
+                check_preemption("before SFT")
+                samples = sft_samples(experts, encoder, cfg.policy.max_seq_len)
+                log.info("SFT on %d sequences", len(samples))
+                ckpt.sft_stats = train_sft(policy.model, samples, cfg.sft, policy.tokenizer.pad_token_id, logger,
+                                           cfg.seed)
+                logger.log(ckpt.sft_stats)
+            check_preemption("before the evaluation after SFT")
+            start = run_eval("eval_sft" if cfg.sft.enabled else "eval")
+            # cycle 0 of the eval-by-cycle curves: every arm (SFT alone too) starts from this point
+            logger.log({"cycle": 0, "eval/reward_x100": start["overall"]["reward_x100"],
+                        "eval/success_rate": start["overall"]["success_rate"]})
+            # the policy (+ tokenizer) after SFT and its evaluation: a resumed run starts here at the latest
+            ckpt.save_stage("sft" if cfg.sft.enabled else "start")
+            check_preemption("after the SFT checkpoint")
+        else:
+            resumed.restore_rng()  # the RNG states the uninterrupted run had at this point
 
-        cycles = run_reflection(cfg, policy, encoder, task, experts, run_dir, logger, run_eval, pool, cache_dir)
-        for row in cycles:
-            summaries[f"cycle {row['cycle']}"] = json.loads(
-                (run_dir / f"eval_cycle_{row['cycle']}.json").read_text())["summary"]
+        cycles = run_reflection(cfg, policy, encoder, task, experts, run_dir, logger, run_eval, pool, cache_dir,
+                                checkpoints=ckpt)
+    summaries, stats = ckpt.summaries, ckpt.sft_stats
 
     table = markdown_table(summaries)
     (run_dir / "results.md").write_text(

@@ -75,9 +75,12 @@ def build_tiny_policy(cfg, texts: List[str], cache_dir: Path, seed: int) -> Poli
         log.info("loading cached tiny model from %s", path)
         model = LlamaForCausalLM.from_pretrained(str(path), attn_implementation=cfg.attn_implementation)
     else:
-        torch.manual_seed(seed)
-        config._attn_implementation = cfg.attn_implementation
-        model = LlamaForCausalLM(config)
+        # Seeded init on a forked RNG: building the model here or loading it from the cache then
+        # leaves the run's RNG in the same state (so a first run and its repeat sample alike).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            config._attn_implementation = cfg.attn_implementation
+            model = LlamaForCausalLM(config)
         tmp = path.with_name(path.name + ".tmp")
         model.save_pretrained(str(tmp))
         tmp.rename(path)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from stepagent.agent.prompts import PromptEncoder
 from stepagent.algos.inspection import Segment
+from stepagent.checkpoint import check_preemption
 from stepagent.data.trajectory import Trajectory
 
 EXPERT, AGENT = 0, 1  # labels: D(s, a) = P(agent | s, a)
@@ -217,6 +218,7 @@ def train_discriminator(
     for _ in range(epochs):
         loss_sum, n_b, ok_e, ok_a, n_e, n_a = 0.0, 0, 0, 0, 0, 0
         for ei, ai in balanced_batches(len(expert_pairs), len(agent_pairs), batch_size, rng):
+            check_preemption("training the discriminator")
             batch = collate_pairs([expert_pairs[i] for i in ei] + [agent_pairs[i] for i in ai], disc.pad_id)
             batch = {k: v.to(dev) for k, v in batch.items()}
             logits = disc(batch["input_ids"], batch["attention_mask"])

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 from stepagent.agent.prompts import Encoded, PromptEncoder
 from stepagent.config import ETOAlgoConfig
 from stepagent.algos.stepagent import CycleContext, swapped_trainable, trainable_snapshot
+from stepagent.checkpoint import check_preemption
 from stepagent.data.trajectory import Trajectory
 from stepagent.eval.evaluate import Episode, run_episodes
 from stepagent.train.dpo import step_dpo_loss
@@ -184,6 +185,7 @@ def reflect_eto(
         order = list(range(len(pairs_encoded)))
         rng.shuffle(order)
         for i in range(0, len(order), ecfg.batch_size):
+            check_preemption("in ETO's DPO")
             idx = order[i : i + ecfg.batch_size]
             n_tok = sum(action_token_count(pairs_encoded[k][0]) for k in idx)
             opt.zero_grad(set_to_none=True)
@@ -245,14 +247,16 @@ def run_eto_iterations(ctx: CycleContext, pool, progress: bool = True) -> List[D
         raise ValueError(f"eto.reference must be iteration_start or sft, got {ecfg.reference!r}")
     pad = tok.pad_token_id
     params = [p for p in model.parameters() if p.requires_grad]
-    sft_params = trainable_snapshot(model) if ecfg.reference == "sft" else None
+    # π_ref = SFT: its trainable values now, or the checkpoint's copy when resuming after an iteration
+    sft_params = (ctx.checkpoints.reference_snapshot() or trainable_snapshot(model)) if ecfg.reference == "sft" else None
     experts = {t.id: t for t in ctx.experts}
     candidates = [inst for inst in ctx.task.instances("train") if inst.id in experts]
     if not candidates:
         raise ValueError("ETO: no training instance has an expert trajectory (ids must match)")
 
-    history: List[Dict[str, Any]] = []
-    for it in range(1, cfg.cycles + 1):
+    # a fresh optimizer per iteration: nothing but the policy (and RNG) carries over
+    history, first = ctx.checkpoints.resume_cycles({})
+    for it in range(first, cfg.cycles + 1):
         cdir = ctx.run_dir / "cycles" / f"cycle_{it}"
         rng = random.Random(cfg.seed * 1000 + it)
         n = ecfg.tasks_per_iteration
@@ -279,9 +283,8 @@ def run_eto_iterations(ctx: CycleContext, pool, progress: bool = True) -> List[D
             opt = torch.optim.AdamW(params, lr=ecfg.lr, weight_decay=ecfg.weight_decay)
             stats = reflect_eto(model, opt, encoded, ref, ecfg, pad, seed=cfg.seed + it, progress=progress)
 
-        # 4. Evaluation and checkpoint.
+        # 4. Evaluation and checkpoint (after the row is logged).
         summary = ctx.evaluate(f"eval_cycle_{it}")
-        model.save_pretrained(str(ctx.run_dir / "checkpoints" / f"cycle_{it}"))
         rewards = [ep.score for ep in episodes]
         row = {
             "cycle": it,
@@ -299,4 +302,5 @@ def run_eto_iterations(ctx: CycleContext, pool, progress: bool = True) -> List[D
         log.info("ETO iteration %d: explore reward %.3f, %d pairs, dev reward %.1f", it,
                  row["eto/explore_reward"], len(pairs), summary["overall"]["reward_x100"])
         history.append(row)
+        ctx.checkpoints.save_cycle(it, history, reference=sft_params)
     return history

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from stepagent.agent.generation import generate_actions
 from stepagent.agent.prompts import PromptEncoder
+from stepagent.checkpoint import check_preemption
 from stepagent.data.trajectory import Trajectory
 from stepagent.envs.base import Task
 
@@ -71,6 +72,7 @@ def inspect(
     order = sorted(range(len(segs)), key=lambda i: -len(prompts[i]))
     results: Dict[int, Segment] = {}
     for i in range(0, len(order), batch_size):
+        check_preemption(f"in {desc}")
         idx = order[i : i + batch_size]
         gens = generate_actions(
             model, tokenizer, [prompts[j] for j in idx], max_new_tokens, encoder.eos_token_id,

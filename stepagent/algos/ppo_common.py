@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from stepagent.checkpoint import check_preemption
 from stepagent.train.packing import Packed
 from stepagent.train.ppo import (ValueHead, explained_variance, gae_over_slots, kl_estimate, make_value_head,
                                  one_step_advantage, packed_token_logprobs, ppo_policy_loss, value_loss)
@@ -113,6 +114,7 @@ def ppo_update(model, opt, packs: Sequence[Packed], samples: Sequence[PPOSample]
         order = list(pack_ids)
         rng.shuffle(order)
         for c in range(0, len(order), pcfg.batch_size):
+            check_preemption("in the PPO update")
             chunk = order[c : c + pcfg.batch_size]
             lps, ents, vals = packed_token_logprobs(model, [packs[p] for p in chunk], pad_id,
                                                     with_entropy=want_entropy, value_head=value_head)

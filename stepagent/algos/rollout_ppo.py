@@ -77,14 +77,17 @@ def run_rollout_ppo_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
     pad = tok.pad_token_id
     head = value_head_for(ctx)  # ppo.advantage=gae: the critic, ctx.value_head; loo: None
     opt = ppo_optimizer(model, pcfg, head)
-    ref_params = trainable_snapshot(model) if (pcfg.reference == "sft" and pcfg.kl_coef > 0) else None
+    ref_params = (ctx.checkpoints.reference_snapshot() or trainable_snapshot(model)) \
+        if (pcfg.reference == "sft" and pcfg.kl_coef > 0) else None
     expert_ids = {t.id for t in ctx.experts}
     # The training tasks the other arms learn from (those with an expert trajectory).
     tasks = [i for i in ctx.task.instances("train") if i.id in expert_ids]
     K = cfg.inspection.samples_per_state
-    history: List[Dict[str, Any]] = []
-    log_initial_agreement(ctx)
-    for cycle in range(1, cfg.cycles + 1):
+    train = {"policy_optimizer": opt, "value_head": head}  # restored when resuming after cycle n
+    history, first = ctx.checkpoints.resume_cycles(train)
+    if first == 1:
+        log_initial_agreement(ctx)
+    for cycle in range(first, cfg.cycles + 1):
         cdir = ctx.run_dir / "cycles" / f"cycle_{cycle}"
         chosen = cycle_subset(tasks, cfg, cycle)
 
@@ -126,10 +129,9 @@ def run_rollout_ppo_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
             stats = ppo_update(model, opt, packs, samples, pcfg, pad, seed=cfg.seed + cycle, desc=desc,
                                value_head=head) if samples else {"ppo/steps": 0, "ppo/samples": 0}
 
-        # 4. Held-out agreement, evaluation, checkpoint.
+        # 4. Held-out agreement, evaluation, checkpoint (after the row is logged).
         held = heldout_agreement(ctx)
         summary = ctx.evaluate(f"eval_cycle_{cycle}")
-        model.save_pretrained(str(ctx.run_dir / "checkpoints" / f"cycle_{cycle}"))
         row = {
             "cycle": cycle,
             "rollout/reward_mean": float(rewards.mean()) if ok else None,
@@ -147,4 +149,5 @@ def run_rollout_ppo_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
         log.info("cycle %d (%s): rollout reward %.3f, dev reward %.1f", cycle, arm,
                  row["rollout/reward_mean"] or 0.0, row["eval/reward_x100"])
         history.append(row)
+        ctx.checkpoints.save_cycle(cycle, history, train, reference=ref_params)
     return history

@@ -6,7 +6,7 @@ Each cycle:
   2. reflection  — reward=implicit: step-level DPO, a_t^e ≻ â_t^k in s_t^e, all
                    log-probs of a trajectory from ONE packed forward pass;
   3. evaluation  — on the dev split in the real environment;
-  4. checkpoint  — the policy after the cycle.
+  4. checkpoint  — the policy and the training state after the cycle (stepagent/checkpoint.py).
 
 π_ref: the policy at the start of the cycle (``reward.reference=cycle_start``) or
 the SFT policy (``sft``). Either way no second model is kept: reference
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from stepagent.agent.prompts import PromptEncoder
 from stepagent.algos.inspection import Segment, agreement, inspect, write_contrast_jsonl
+from stepagent.checkpoint import check_preemption
 from stepagent.data.trajectory import Trajectory
 from stepagent.train.dpo import implicit_reward, step_dpo_loss
 from stepagent.train.packing import Packed, pack_trajectory, packed_forward
@@ -117,6 +118,7 @@ def slot_logprobs(model, packs: Sequence[Packed], pad_id: int, batch_size: int) 
     model.eval()
     out: List[torch.Tensor] = []
     for i in range(0, len(packs), batch_size):
+        check_preemption("computing log-probs")
         chunk = packs[i : i + batch_size]
         lp, _ = packed_forward(model, chunk, pad_id)
         sizes = [len(p.slots) for p in chunk]
@@ -141,6 +143,7 @@ def reflect_implicit(
         order = list(range(len(packs)))
         rng.shuffle(order)
         for i in range(0, len(order), rcfg.batch_size):
+            check_preemption("in step DPO")
             idx = order[i : i + rcfg.batch_size]
             chunk = [packs[j] for j in idx]
             lp, _ = packed_forward(model, chunk, pad_id)
@@ -296,6 +299,16 @@ class CycleContext:
     # ppo.advantage=gae: the critic (train.ppo.ValueHead), created once per run by
     # ppo_common.value_head_for and trained across cycles; part of a checkpoint. None otherwise.
     value_head: Any = None
+    # stepagent.checkpoint.Checkpointer: saves a checkpoint after each cycle, and restores the
+    # loop's state when the run resumes (a fresh one, resuming nothing, when not given)
+    checkpoints: Any = None
+
+    def __post_init__(self):
+        if self.checkpoints is None:
+            from stepagent.checkpoint import Checkpointer
+
+            self.checkpoints = Checkpointer(self.run_dir, self.cfg, self.logger, self.policy)
+
 
 
 def heldout_agreement(ctx: CycleContext) -> Dict[str, Any]:
@@ -330,7 +343,9 @@ def run_stepagent_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
     reference = rcfg.reference if rcfg.name == "implicit" else cfg.ppo.reference
     if reference not in ("cycle_start", "sft"):
         raise ValueError(f"the reference policy must be cycle_start or sft, got {reference!r}")
-    sft_params = trainable_snapshot(model) if reference == "sft" else None
+    # π_ref = SFT: its trainable values now, or the checkpoint's copy when resuming after a cycle
+    sft_params = (ctx.checkpoints.reference_snapshot() or trainable_snapshot(model)) if reference == "sft" else None
+    disc = disc_opt = None
     if rcfg.name == "implicit":
         opt = torch.optim.AdamW(params, lr=rcfg.lr, weight_decay=rcfg.weight_decay)
     else:
@@ -348,9 +363,13 @@ def run_stepagent_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
         disc_opt = torch.optim.AdamW(disc.parameters(), lr=rcfg.disc_lr)
         log.info("discriminator: %.2fM parameters", sum(p.numel() for p in disc.parameters()) / 1e6)
 
-    history: List[Dict[str, Any]] = []
-    log_initial_agreement(ctx)
-    for cycle in range(1, cfg.cycles + 1):
+    # What trains across cycles: in every checkpoint, restored when resuming after cycle n.
+    train = {"policy_optimizer": opt, "discriminator": disc, "discriminator_optimizer": disc_opt,
+             "value_head": ctx.value_head}
+    history, first = ctx.checkpoints.resume_cycles(train)
+    if first == 1:
+        log_initial_agreement(ctx)
+    for cycle in range(first, cfg.cycles + 1):
         cdir = ctx.run_dir / "cycles" / f"cycle_{cycle}"
         subset = cycle_subset(ctx.experts, cfg, cycle)
 
@@ -376,8 +395,6 @@ def run_stepagent_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
         held = heldout_agreement(ctx)
         summary = ctx.evaluate(f"eval_cycle_{cycle}")
 
-        # 4. Checkpoint.
-        model.save_pretrained(str(ctx.run_dir / "checkpoints" / f"cycle_{cycle}"))
         row = {
             "cycle": cycle,
             "agreement/inspection": agree["rate"],
@@ -397,4 +414,7 @@ def run_stepagent_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
         log.info("cycle %d: agreement %.3f (held-out %s), dev reward %.1f", cycle, agree["rate"],
                  held["rate"], summary["overall"]["reward_x100"])
         history.append(row)
+
+        # 4. Checkpoint: the policy and everything needed to continue exactly after this cycle.
+        ctx.checkpoints.save_cycle(cycle, history, train, reference=sft_params)
     return history

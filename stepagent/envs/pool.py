@@ -77,8 +77,11 @@ def _handle(env: TextEnv, cmd: str, payload: Any) -> Tuple[str, Any]:
 
 def _worker_main(conn: Connection, env_factory: Callable[[], TextEnv]) -> None:
     """Serve requests until "close" or until the parent goes away (EOF on the pipe)."""
-    # Ctrl-C reaches the whole process group; the parent decides how to shut workers down.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C reaches the whole process group, and SLURM sends SIGTERM (and with --signal, SIGUSR1)
+    # to every process of the job: the parent decides how to shut workers down (it checkpoints
+    # first). Ignored signals stay ignored in the JVM a worker starts (Java keeps SIGTERM ignored).
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     env: Optional[TextEnv] = None
     try:
         while True:

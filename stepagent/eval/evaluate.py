@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from stepagent.agent.generation import generate_actions
 from stepagent.agent.prompts import PromptEncoder
+from stepagent.checkpoint import check_preemption
 from stepagent.envs.base import Task, TaskInstance
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,8 @@ def run_episodes(
         # 3. Step every live environment in parallel.
         env_actions = [task.parse_action(t) for t in texts]
         results = pool.step_batch(list(zip(slots, env_actions)))
+        # before using the results: a preemption signal may also have ended environment processes
+        check_preemption(f"in {desc}")
         for slot, text, act, res in zip(slots, texts, env_actions, results):
             ep = live[slot]
             ep.actions.append(text)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from stepagent.agent.prompts import Encoded, PromptEncoder
+from stepagent.checkpoint import check_preemption
 from stepagent.data.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def train_sft(
         rng.shuffle(order)
         tot_loss, tot_tok = 0.0, 0.0
         for i in range(0, len(order), cfg.batch_size):
+            check_preemption("in SFT")
             batch = collate([samples[j] for j in order[i : i + cfg.batch_size]], pad_id)
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             loss, n_tok = masked_nll(out.logits, batch["input_ids"], batch["loss_mask"])
