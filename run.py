@@ -5,6 +5,7 @@
     python run.py task=hotpotqa                      # another task
     python run.py policy=hf policy.name_or_path=DIR  # a real model
     python run.py -m seed=0,1,2                      # a sweep (Hydra multirun)
+    torchrun --nproc_per_node 4 run.py deepspeed=zero2   # data parallel on 4 GPUs (DeepSpeed ZeRO-2)
 """
 
 import logging
@@ -41,4 +42,8 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    # torchrun / deepspeed launcher: every rank runs this file; they agree on one run directory
+    from stepagent.distributed import share_start_time
+
+    share_start_time()
     main()

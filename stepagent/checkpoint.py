@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 COMPLETE = "COMPLETE"
 TMP_SUFFIX = ".tmp"
+RANKS_SUFFIX = ".ranks"  # staging folder of the data-parallel ranks' own files during a save
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: what a shell reports for a job ended by SIGTERM
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
 
@@ -90,9 +91,21 @@ def stop_requested() -> Optional[int]:
 
 
 def check_preemption(where: str = "") -> None:
-    """Call at safe points: raises ``Preempted`` once a preemption signal has arrived."""
-    if _stop_signal is not None:
-        raise Preempted(_stop_signal, where)
+    """Call at safe points: raises ``Preempted`` once a preemption signal has arrived.
+
+    Data parallel (several ranks): the ranks stop together — the check is a collective (the
+    flag's max over ranks) wherever every rank makes the same calls (between optimizer steps,
+    between stages); inside rank-local phases (generation, log-prob passes:
+    ``distributed.in_local_phase``) it is skipped, the next collective check acts."""
+    signum = _stop_signal
+    from stepagent import distributed as dist
+
+    if dist.world_size() > 1:
+        if dist.in_local_phase():
+            return
+        signum = int(dist.max_over_ranks(signum or 0)) or None
+    if signum is not None:
+        raise Preempted(signum, where)
 
 
 @contextlib.contextmanager
@@ -223,10 +236,21 @@ def load_train_state(path: Path, model, objects: Mapping[str, Any], weights: boo
     if not wanted:
         return
     states = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+    from stepagent import distributed as dist
+    from stepagent.train.engine import load_module_state
+
     for name, obj in wanted.items():
         if name not in states:
             raise ValueError(f"{path}: the checkpoint has no state for {name!r} (it has {sorted(states)})")
+        if isinstance(obj, torch.nn.Module):
+            load_module_state(obj, states[name])  # also a ZeRO-3 partitioned one
+            continue
         obj.load_state_dict(states[name])
+        if hasattr(obj, "load_rank_state_dict"):  # a DeepSpeed engine: this rank's part of its state
+            own = path / f"{name}.rank{dist.rank()}.pt"
+            if not own.exists():
+                raise ValueError(f"{path}: no {own.name} (saved with fewer ranks?)")
+            obj.load_rank_state_dict(torch.load(own, map_location="cpu", weights_only=False))
 
 
 # ----------------------------------------------------------------------------- save / find
@@ -281,7 +305,7 @@ def complete_checkpoints(run_dir: Path) -> List[Tuple[int, Path]]:
         return []
     found = []
     for p in root.iterdir():
-        if not p.is_dir() or p.name.endswith((TMP_SUFFIX, ".old")):
+        if not p.is_dir() or p.name.endswith((TMP_SUFFIX, ".old", RANKS_SUFFIX)):
             continue
         m = read_manifest(p)
         if m is not None:
@@ -309,6 +333,8 @@ def prune_checkpoints(run_dir: Path, keep_last: Optional[int], keep_weights: boo
             continue
         for name in ("train_state.pt", "reference.safetensors", "rng.pt", "state.json"):
             (path / name).unlink(missing_ok=True)
+        for f in [*path.glob("*.rank*.pt"), *path.glob("reference.rank*.safetensors")]:  # data parallel ranks'
+            f.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- a loaded checkpoint
@@ -330,13 +356,21 @@ class Checkpoint:
         return self.path.parent.parent
 
     def restore_rng(self) -> None:
-        set_rng_state(torch.load(self.path / "rng.pt", weights_only=False))
+        from stepagent import distributed as dist
+
+        own = self.path / f"rng.rank{dist.rank()}.pt"  # data parallel: rank k > 0 has its own
+        set_rng_state(torch.load(own if dist.rank() > 0 and own.exists() else self.path / "rng.pt",
+                                 weights_only=False))
 
     def load(self, model, objects: Mapping[str, Any] = {}) -> None:
         load_train_state(self.path, model, objects)
 
     def reference(self) -> Optional[Dict[str, torch.Tensor]]:
-        p = self.path / "reference.safetensors"
+        from stepagent import distributed as dist
+
+        p = self.path / f"reference.rank{dist.rank()}.safetensors"  # ZeRO-3: this rank's shards
+        if not p.exists():
+            p = self.path / "reference.safetensors"
         if not p.exists():
             return None
         from safetensors.torch import load_file
@@ -402,11 +436,54 @@ class Checkpointer:
     def save(self, tag: str, seq: int, stage: str, cycle: int = 0, history: Sequence[Dict[str, Any]] = (),
              train: Optional[Mapping[str, Any]] = None, reference: Optional[Dict[str, torch.Tensor]] = None,
              tokenizer: bool = False) -> Optional[Path]:
+        """Data parallel: every rank calls this. What only a rank has — its part of a DeepSpeed
+        optimizer (``<name>.rank<k>.pt``), its RNG state (``rng.rank<k>.pt``, k > 0), under ZeRO-3
+        its shard of π_ref (``reference.rank<k>.safetensors``) — goes to a staging folder that
+        rank 0 moves into the checkpoint before its COMPLETE marker. ZeRO-3 modules (the policy,
+        the discriminator) are gathered for the write (a collective); rank 0 writes the rest."""
+        from stepagent import distributed as dist
+        from stepagent.train.engine import DeepSpeedTrainEngine, gathered, is_partitioned
+
+        engines = {k: v for k, v in (train or {}).items() if isinstance(v, DeepSpeedTrainEngine)}
+        sharded_ref = reference is not None and is_partitioned(self.policy.model)
+        staging = None
+        if dist.world_size() > 1 or engines:
+            staging = checkpoints_dir(self.run_dir) / (tag + RANKS_SUFFIX)
+            if dist.is_main():
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            dist.barrier()
+            r = dist.rank()
+            for name, eng in engines.items():
+                torch.save(eng.rank_state_dict(), staging / f"{name}.rank{r}.pt")
+            if r > 0:
+                torch.save(rng_state(), staging / f"rng.rank{r}.pt")
+            if sharded_ref:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in reference.items()},
+                          str(staging / f"reference.rank{r}.safetensors"))
+            dist.barrier()
+        modules = [self.policy.model] + [o for o in (train or {}).values() if isinstance(o, torch.nn.Module)]
+        with contextlib.ExitStack() as stack:
+            for m in modules:
+                stack.enter_context(gathered(m))
+            path = self._save(tag, seq, stage, cycle, history, train, None if sharded_ref else reference,
+                              tokenizer, staging)
+        dist.barrier()
+        return path
+
+    def _save(self, tag: str, seq: int, stage: str, cycle: int = 0, history: Sequence[Dict[str, Any]] = (),
+              train: Optional[Mapping[str, Any]] = None, reference: Optional[Dict[str, torch.Tensor]] = None,
+              tokenizer: bool = False, rank_files: Optional[Path] = None) -> Optional[Path]:
         if not is_main_process():
             return None
         model = self.policy.model
 
         def write(d: Path) -> None:
+            if rank_files is not None:  # every rank's own files (see ``save``)
+                for f in sorted(rank_files.iterdir()):
+                    shutil.move(str(f), str(d / f.name))
             save_train_state(d, model, train or {})
             if tokenizer:
                 self.policy.tokenizer.save_pretrained(str(d))
@@ -425,6 +502,8 @@ class Checkpointer:
 
         t0 = time.time()
         path = write_checkpoint(self.run_dir, tag, write, seq)
+        if rank_files is not None:
+            shutil.rmtree(rank_files, ignore_errors=True)
         log.info("checkpoint %s written in %.1f s", path, time.time() - t0)
         prune_checkpoints(self.run_dir, self.keep_last, self.keep_weights)
         return path

@@ -325,6 +325,45 @@ class CheckpointConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """Data parallelism with DeepSpeed ZeRO (stepagent/train/engine.py, stepagent/distributed.py).
+
+    ``none``: plain PyTorch in one process. Any other option: one rank per process started by
+    ``torchrun --nproc_per_node N run.py deepspeed=zero2`` (or the ``deepspeed`` launcher);
+    without a launcher it runs as a single rank (world size 1)."""
+
+    name: str = "none"  # none | zero0 | zero2 | zero3 | zero3_offload (conf/deepspeed/<name>.yaml)
+    stage: int = 0  # ZeRO stage: 0 data parallel | 1 optimizer state | 2 + gradients | 3 + parameters sharded
+    offload_optimizer: Optional[str] = None  # None | cpu: optimizer state and step on the CPU (stage >= 1)
+    offload_param: Optional[str] = None  # None | cpu: parameter shards on the CPU (stage 3)
+    pin_memory: bool = False  # pinned CPU buffers for offload (faster copies to a GPU)
+    # Stage 3 keeps parameters with at most this many elements whole on every rank (None:
+    # DeepSpeed's 1e5). 0 partitions everything (the tests: the tiny model really is split).
+    stage3_param_persistence_threshold: Optional[int] = None
+    overlap_comm: Optional[bool] = None  # None: DeepSpeed's default
+
+
+def validate_deepspeed_config(d: Any, world_size: int = 1) -> None:
+    """Stage/offload combinations DeepSpeed accepts, and a launcher only with DeepSpeed."""
+    if d.name == "none":
+        if world_size > 1:
+            raise ConfigError(
+                f"started with {world_size} ranks but deepspeed=none: data parallelism goes through "
+                "DeepSpeed, e.g. `torchrun --nproc_per_node N run.py deepspeed=zero2`"
+            )
+        return
+    if d.stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.stage must be 0, 1, 2 or 3, got {d.stage}")
+    for key in ("offload_optimizer", "offload_param"):
+        if getattr(d, key) not in (None, "cpu", "none"):
+            raise ConfigError(f"deepspeed.{key} must be null or cpu, got {getattr(d, key)!r}")
+    if d.offload_param not in (None, "none") and d.stage != 3:
+        raise ConfigError("deepspeed.offload_param needs ZeRO stage 3")
+    if d.offload_optimizer not in (None, "none") and d.stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer needs ZeRO stage >= 1")
+
+
+@dataclass
 class Config:
     task: Any = MISSING
     policy: Any = MISSING
@@ -345,6 +384,7 @@ class Config:
     # fresh if none; a finished run only reprints its results) | <path>: a checkpoint folder or a run folder
     resume: Optional[str] = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # conf/deepspeed: none | zero0 | zero2 | zero3 | ...
 
 
 def validate_policy_config(node: Any) -> Any:
@@ -376,6 +416,12 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     keep = typed.checkpoint.keep_last
     if keep is not None and keep < 1:
         raise ConfigError(f"checkpoint.keep_last must be >= 1 or null (keep all), got {keep}")
+    import os
+
+    validate_deepspeed_config(typed.deepspeed, int(os.environ.get("WORLD_SIZE", "1")))
+    if typed.deepspeed.name != "none" and typed.ppo.advantage == "gae":
+        raise ConfigError("ppo.advantage=gae with deepspeed=...: the value head is outside the policy's "
+                          "DeepSpeed engine; not supported yet (use ppo.advantage=loo)")
     typed.task = task
     typed.policy = policy
     typed.reward = reward

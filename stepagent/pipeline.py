@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from stepagent import distributed as dist
 from stepagent.agent.policy import Policy, build_policy
 from stepagent.agent.prompts import PromptEncoder
 from stepagent.algos.stepagent import CycleContext, run_stepagent_cycles
@@ -31,6 +32,7 @@ from stepagent.envs.base import Task
 from stepagent.envs.pool import EnvPool
 from stepagent.eval.evaluate import SUMMARY_COLUMNS, evaluate, markdown_table, summary_rows
 from stepagent.tracking import RunLogger
+from stepagent.train.engine import deepspeed_config_dict, deepspeed_enabled, enable_deepspeed, train_engine
 from stepagent.train.sft import sft_samples, train_sft
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,8 @@ def run_reflection(cfg, policy, encoder, task, experts, run_dir, logger, run_eva
         return []
     heldout: List[Trajectory] = []
     if cfg.inspection.heldout_trajectories:
-        heldout = load_or_build_experts(task, cfg.eval.split, cache_dir, task.num_workers)
+        with dist.main_first():  # rank 0 builds the cache, the other ranks read it
+            heldout = load_or_build_experts(task, cfg.eval.split, cache_dir, task.num_workers)
         heldout = heldout[: cfg.inspection.heldout_trajectories]
     ctx = CycleContext(cfg, policy, encoder, task, experts, heldout, run_dir, logger, run_eval, pool,
                        checkpoints=checkpoints)
@@ -140,10 +143,13 @@ def prepare_resume(cfg, run_dir: Path) -> Optional[Checkpoint]:
     metrics = run_dir / "metrics.jsonl"
     if resumed is None:
         log.info("resume=%s: no complete checkpoint in %s, starting from the beginning", cfg.resume, run_dir)
-        metrics.unlink(missing_ok=True)  # rows of an attempt that stopped before its first checkpoint
+        if dist.is_main():
+            metrics.unlink(missing_ok=True)  # rows of an attempt that stopped before its first checkpoint
         return None
     size = int(resumed.meta["logger"].get("metrics_bytes", 0))
-    if resumed.run_dir.resolve() == run_dir.resolve():
+    if not dist.is_main():  # data parallel: rank 0 owns metrics.jsonl
+        pass
+    elif resumed.run_dir.resolve() == run_dir.resolve():
         if metrics.exists() and metrics.stat().st_size >= size:
             os.truncate(metrics, size)
         else:
@@ -192,17 +198,35 @@ def eval_label(tag: str) -> str:
         tag.removeprefix("eval_").replace("_", " ")
 
 
+def setup_deepspeed(cfg, run_dir: Path) -> None:
+    """deepspeed != none: join the process group (torchrun's, or a one-rank group without a
+    launcher), route every optimizer through DeepSpeed, one log file per rank."""
+    ds_config = deepspeed_config_dict(cfg.deepspeed, cfg.policy.dtype)
+    if ds_config is None:
+        enable_deepspeed(None)
+        return
+    dist.init()
+    enable_deepspeed(ds_config)
+    path = dist.setup_rank_logging(run_dir)
+    log.info("DeepSpeed %s (ZeRO stage %d) on %d rank(s); this rank logs to %s", cfg.deepspeed.name,
+             cfg.deepspeed.stage, dist.world_size(), path)
+
+
 def run(raw_cfg: DictConfig) -> Dict[str, Any]:
     cfg = validate_config(raw_cfg)
     run_dir = Path(cfg.run_dir)
     if cfg.resume == "auto" and (run_dir / "results.json").exists():
         return finished_results(run_dir)
-    seed_everything(cfg.seed)
+    setup_deepspeed(cfg, run_dir)
+    # every rank samples its own actions: rank 0 keeps the single-process seed
+    seed_everything(cfg.seed + 100_003 * dist.rank())
     run_dir.mkdir(parents=True, exist_ok=True)
     resumed = prepare_resume(cfg, run_dir)
-    (run_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg))
+    if dist.is_main():
+        (run_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg))
     same_run = resumed is not None and resumed.run_dir.resolve() == run_dir.resolve()
-    logger = RunLogger(run_dir, cfg, cfg.logger,
+    # one logger per job: only rank 0 writes metrics.jsonl and W&B
+    logger = RunLogger(run_dir, cfg, cfg.logger, enabled=dist.is_main(),
                        resume_run_id=resumed.meta["logger"].get("wandb_id") if same_run else None)
     if same_run:
         continue_wandb_steps(logger, resumed)
@@ -219,12 +243,14 @@ def run(raw_cfg: DictConfig) -> Dict[str, Any]:
 def _run(cfg, run_dir: Path, logger: RunLogger, resumed: Optional[Checkpoint] = None) -> Dict[str, Any]:
     task = make_task(cfg.task)
     cache_dir = Path(cfg.cache_dir)
-    experts = load_or_build_experts(task, "train", cache_dir, task.num_workers)
+    with dist.main_first():  # data parallel: rank 0 builds the caches, the other ranks read them
+        experts = load_or_build_experts(task, "train", cache_dir, task.num_workers)
     if cfg.sft.max_trajectories:
         experts = experts[: cfg.sft.max_trajectories]
     log.info("%d expert trajectories (%d steps)", len(experts), sum(len(t) for t in experts))
 
-    policy = build_policy(cfg.policy, tokenizer_corpus(task, experts), cache_dir, cfg.seed)
+    with dist.main_first():
+        policy = build_policy(cfg.policy, tokenizer_corpus(task, experts), cache_dir, cfg.seed)
     encoder = make_encoder(policy, cfg, task)
     instances = task.instances(cfg.eval.split)
     if cfg.eval.max_episodes:
@@ -234,12 +260,17 @@ def _run(cfg, run_dir: Path, logger: RunLogger, resumed: Optional[Checkpoint] = 
     ckpt = Checkpointer(run_dir, cfg, logger, policy, resumed)
     if resumed is not None:
         resumed.load(policy.model)
+    if deepspeed_enabled():
+        # the policy's one DeepSpeed engine, before anything snapshots its parameters (ZeRO-3
+        # partitions them here); every training stage reuses it with its own lr
+        train_engine(policy.model, lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay)
     with EnvPool(task.env_factory(), task.num_workers, cfg.task.step_timeout_s) as pool:
 
         def run_eval(tag: str):
             summary = evaluate(
                 policy.model, policy.tokenizer, encoder, task, instances, pool,
-                cfg.policy.max_new_tokens, cfg.eval.temperature, out_dir=run_dir, tag=tag, logger=logger,
+                cfg.policy.max_new_tokens, cfg.eval.temperature, out_dir=run_dir if dist.is_main() else None,
+                tag=tag, logger=logger,
             )
             ckpt.summaries[eval_label(tag)] = summary
             return summary
@@ -268,6 +299,8 @@ def _run(cfg, run_dir: Path, logger: RunLogger, resumed: Optional[Checkpoint] = 
         cycles = run_reflection(cfg, policy, encoder, task, experts, run_dir, logger, run_eval, pool, cache_dir,
                                 checkpoints=ckpt)
     summaries, stats = ckpt.summaries, ckpt.sft_stats
+    if not dist.is_main():  # rank 0 writes the results
+        return {"summaries": summaries, "sft": stats, "cycles": cycles, "run_dir": str(run_dir)}
 
     table = markdown_table(summaries)
     (run_dir / "results.md").write_text(

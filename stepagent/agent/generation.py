@@ -21,9 +21,19 @@ def generate_actions(
     """For each prompt, ``num_samples`` generated token-id lists (end-of-turn token excluded).
 
     Prompts are left-padded into one batch; ``temperature == 0`` is greedy.
+
+    A ZeRO-3 model outside ``engine.gathered`` fetches its parameter shards layer by layer
+    (a collective per layer): then ``synced_gpus`` keeps every rank stepping until all are done
+    (set automatically; the ranks must still make the same number of calls — the phase
+    functions gather the parameters instead, so their calls are purely local).
     """
     if not prompts:
         return []
+    if not synced_gpus and getattr(model, "_stepagent_gathered", False) is False:
+        from stepagent import distributed as dist
+        from stepagent.train.engine import is_partitioned
+
+        synced_gpus = dist.world_size() > 1 and is_partitioned(model)
     pad = tokenizer.pad_token_id
     T = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), T), pad, dtype=torch.long)

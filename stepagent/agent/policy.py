@@ -38,7 +38,9 @@ class Policy:
         return hasattr(self.model, "disable_adapter")
 
     def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad or not trainable_only)
+        # ds_numel: a ZeRO-3 partitioned parameter's full size (its own numel() is 0 there)
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters()
+                   if p.requires_grad or not trainable_only)
 
 
 def _tiny_llama_config(cfg, tokenizer):

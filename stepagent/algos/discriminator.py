@@ -207,10 +207,17 @@ def train_discriminator(
     """BCE on balanced batches. Stats of the LAST epoch, from each batch's pre-update
     predictions: loss, acc_expert (ℓ < 0 on expert pairs), acc_agent (ℓ > 0 on agent
     pairs), acc (their mean; 0.5 = indistinguishable), steps. Use ``accuracy`` on held-out
-    segments for the convergence proxy."""
+    segments for the convergence proxy.
+
+    ``opt``: a ``train.engine`` engine (or a torch optimizer). Data parallel: each rank takes
+    its part of both halves of every batch; the stats are averaged over ranks."""
+    from stepagent import distributed as dist
+    from stepagent.train.engine import as_engine
+
     if not expert_pairs or not agent_pairs:  # the agent already matches the expert everywhere
         return {"loss": float("nan"), "acc": float("nan"), "acc_expert": float("nan"),
                 "acc_agent": float("nan"), "steps": 0}
+    opt = as_engine(opt)
     rng = random.Random(seed)
     dev = next(disc.parameters()).device
     disc.train()
@@ -219,15 +226,13 @@ def train_discriminator(
         loss_sum, n_b, ok_e, ok_a, n_e, n_a = 0.0, 0, 0, 0, 0, 0
         for ei, ai in balanced_batches(len(expert_pairs), len(agent_pairs), batch_size, rng):
             check_preemption("training the discriminator")
+            ei, ai = dist.shard_batch(ei), dist.shard_batch(ai)
             batch = collate_pairs([expert_pairs[i] for i in ei] + [agent_pairs[i] for i in ai], disc.pad_id)
             batch = {k: v.to(dev) for k, v in batch.items()}
             logits = disc(batch["input_ids"], batch["attention_mask"])
             loss = discriminator_loss(logits, batch["labels"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(disc.parameters(), max_grad_norm)
-            opt.step()
+            opt.backward(loss)
+            opt.step(max_grad_norm)
             steps += 1
             with torch.no_grad():
                 pred = logits > 0
@@ -237,6 +242,9 @@ def train_discriminator(
                 loss_sum += float(loss)
                 n_b += 1
     disc.eval()
+    if dist.world_size() > 1:
+        tot = dist.mean_over_ranks({"ok_e": ok_e, "ok_a": ok_a, "n_e": n_e, "n_a": n_a, "loss": loss_sum})
+        ok_e, ok_a, n_e, n_a, loss_sum = (tot[k] for k in ("ok_e", "ok_a", "n_e", "n_a", "loss"))
     acc_e, acc_a = ok_e / max(n_e, 1), ok_a / max(n_a, 1)
     return {"loss": loss_sum / max(n_b, 1), "acc": 0.5 * (acc_e + acc_a), "acc_expert": acc_e,
             "acc_agent": acc_a, "steps": steps}
@@ -244,16 +252,25 @@ def train_discriminator(
 
 @torch.no_grad()
 def disc_logits(disc: Discriminator, pairs: Sequence[Pair], batch_size: int = 64) -> torch.Tensor:
-    """ℓ(s, a) for every pair, [N] on the CPU (eval mode, no grad)."""
+    """ℓ(s, a) for every pair, [N] on the CPU (eval mode, no grad). Data parallel: each rank
+    scores every W-th pair (D's parameters gathered once under ZeRO-3); all ranks get all."""
+    from stepagent import distributed as dist
+    from stepagent.train.engine import gathered
+
     was = disc.training
     disc.eval()
     dev = next(disc.parameters()).device
+    mine = [pairs[i] for i in dist.shard_indices(len(pairs))]
     out = []
-    for i in range(0, len(pairs), batch_size):
-        b = collate_pairs(pairs[i : i + batch_size], disc.pad_id)
-        out.append(disc(b["input_ids"].to(dev), b["attention_mask"].to(dev)).float().cpu())
+    with gathered(disc):
+        for i in range(0, len(mine), batch_size):
+            b = collate_pairs(mine[i : i + batch_size], disc.pad_id)
+            out.append(disc(b["input_ids"].to(dev), b["attention_mask"].to(dev)).float().cpu())
     disc.train(was)
-    return torch.cat(out) if out else torch.zeros(0)
+    local = torch.cat(out) if out else torch.zeros(0)
+    if dist.world_size() == 1:
+        return local
+    return torch.tensor(dist.gather_sharded(local.tolist(), len(pairs)), dtype=torch.float32)
 
 
 def step_rewards(

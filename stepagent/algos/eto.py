@@ -52,12 +52,14 @@ import torch
 from tqdm.auto import tqdm
 
 from stepagent.agent.prompts import Encoded, PromptEncoder
+from stepagent import distributed as dist
 from stepagent.config import ETOAlgoConfig
 from stepagent.algos.stepagent import CycleContext, swapped_trainable, trainable_snapshot
 from stepagent.checkpoint import check_preemption
 from stepagent.data.trajectory import Trajectory
 from stepagent.eval.evaluate import Episode, run_episodes
 from stepagent.train.dpo import step_dpo_loss
+from stepagent.train.engine import as_engine, gathered, train_engine
 from stepagent.train.sft import collate, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -153,16 +155,23 @@ def encode_pair(
 
 @torch.no_grad()
 def pair_logprobs(model, pairs_encoded: Sequence[Tuple[Windows, Windows]], pad_id: int, batch_size: int) -> torch.Tensor:
-    """[N, 2] log π(τ^e), log π(τ^a) of every pair, no grad (reference values)."""
+    """[N, 2] log π(τ^e), log π(τ^a) of every pair, no grad (reference values). Data parallel:
+    each rank computes every W-th pair (full parameters gathered once under ZeRO-3); all get all."""
     was = model.training
     model.eval()
+    mine = [pairs_encoded[i] for i in dist.shard_indices(len(pairs_encoded))]
     out = []
-    for i in range(0, len(pairs_encoded), batch_size):
-        chunk = pairs_encoded[i : i + batch_size]
-        lp = trajectory_logprob_batches(model, [c for c, _ in chunk] + [r for _, r in chunk], pad_id)
-        out.append(torch.stack([lp[: len(chunk)], lp[len(chunk) :]], dim=1).cpu())
+    with gathered(model):
+        for i in range(0, len(mine), batch_size):
+            chunk = mine[i : i + batch_size]
+            lp = trajectory_logprob_batches(model, [c for c, _ in chunk] + [r for _, r in chunk], pad_id)
+            out.append(torch.stack([lp[: len(chunk)], lp[len(chunk) :]], dim=1).cpu())
     model.train(was)
-    return torch.cat(out) if out else torch.zeros(0, 2)
+    local = torch.cat(out) if out else torch.zeros(0, 2)
+    if dist.world_size() == 1:
+        return local
+    rows = dist.gather_sharded(list(local), len(pairs_encoded))
+    return torch.stack(rows) if rows else torch.zeros(0, 2)
 
 
 # ----------------------------------------------------------------------------- training
@@ -172,9 +181,13 @@ def reflect_eto(
 ) -> Dict[str, float]:
     """Trajectory-level DPO epochs over the pairs. ``ecfg``: the ETO config (``cfg.algo`` with algo=eto);
     ``ref_logps``: [N, 2] reference log π(τ^e), log π(τ^a). Returns mean diagnostics
-    over optimizer steps (``dpo/loss``, accuracy, reward_chosen/rejected, margin, ...)."""
+    over optimizer steps (``dpo/loss``, accuracy, reward_chosen/rejected, margin, ...).
+
+    ``opt``: a ``train.engine`` engine (or a torch optimizer). Data parallel: each rank takes its
+    part of every minibatch (``shard_batch``) and normalises by its own pair and token counts;
+    the engine averages the gradients, the diagnostics are averaged over ranks."""
+    opt = as_engine(opt)
     rng = random.Random(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
     micro = ecfg.micro_batch_size or ecfg.batch_size
     sums: Dict[str, float] = defaultdict(float)
     n_steps = 0
@@ -186,9 +199,8 @@ def reflect_eto(
         rng.shuffle(order)
         for i in range(0, len(order), ecfg.batch_size):
             check_preemption("in ETO's DPO")
-            idx = order[i : i + ecfg.batch_size]
+            idx = dist.shard_batch(order[i : i + ecfg.batch_size])
             n_tok = sum(action_token_count(pairs_encoded[k][0]) for k in idx)
-            opt.zero_grad(set_to_none=True)
             pi_e_all, pi_a_all = [], []
             for j in range(0, len(idx), micro):
                 sub = idx[j : j + micro]
@@ -197,11 +209,10 @@ def reflect_eto(
                 pi_e, pi_a = lp[: len(sub)], lp[len(sub) :]
                 ref = ref_logps[sub].to(lp.device)
                 loss = eto_loss(pi_e, pi_a, ref[:, 0], ref[:, 1], ecfg.beta, ecfg.nll_weight, len(idx), n_tok)
-                loss.backward()
+                opt.backward(loss, boundary=j + micro >= len(idx))  # gradients accumulate over micro-batches
                 pi_e_all.append(pi_e.detach())
                 pi_a_all.append(pi_a.detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, ecfg.max_grad_norm)
-            opt.step()
+            grad_norm = opt.step(ecfg.max_grad_norm)
             # diagnostics of the whole minibatch, at the parameters it was computed with
             pi_e, pi_a = torch.cat(pi_e_all), torch.cat(pi_a_all)
             ref = ref_logps[idx].to(pi_e.device)
@@ -215,7 +226,7 @@ def reflect_eto(
             bar.set_postfix(loss=f"{float(st['loss']):.3f}", acc=f"{float(st['accuracy']):.2f}", refresh=False)
     bar.close()
     model.eval()
-    return {f"dpo/{k}": v / max(n_steps, 1) for k, v in sums.items()} | {"dpo/steps": n_steps}
+    return dist.mean_over_ranks({f"dpo/{k}": v / max(n_steps, 1) for k, v in sums.items()}) | {"dpo/steps": n_steps}
 
 
 # ----------------------------------------------------------------------------- exploration log
@@ -246,7 +257,6 @@ def run_eto_iterations(ctx: CycleContext, pool, progress: bool = True) -> List[D
     if ecfg.reference not in ("iteration_start", "sft"):
         raise ValueError(f"eto.reference must be iteration_start or sft, got {ecfg.reference!r}")
     pad = tok.pad_token_id
-    params = [p for p in model.parameters() if p.requires_grad]
     # π_ref = SFT: its trainable values now, or the checkpoint's copy when resuming after an iteration
     sft_params = (ctx.checkpoints.reference_snapshot() or trainable_snapshot(model)) if ecfg.reference == "sft" else None
     experts = {t.id: t for t in ctx.experts}
@@ -270,7 +280,8 @@ def run_eto_iterations(ctx: CycleContext, pool, progress: bool = True) -> List[D
         # 2. Failure / expert pairs, written next to every explored trajectory.
         pairs = eto_pairs(experts, episodes)
         paired_ids = {id(a) for _, a in pairs}
-        write_exploration_jsonl(cdir / "exploration.jsonl", episodes, [id(ep) in paired_ids for ep in episodes])
+        if dist.is_main():
+            write_exploration_jsonl(cdir / "exploration.jsonl", episodes, [id(ep) in paired_ids for ep in episodes])
         encoded = [encode_pair(ctx.encoder, e, a, cfg.policy.max_seq_len, ecfg.rejected_extra_steps)
                    for e, a in pairs]
 
@@ -280,7 +291,7 @@ def run_eto_iterations(ctx: CycleContext, pool, progress: bool = True) -> List[D
             ref = pair_logprobs(model, encoded, pad, ecfg.micro_batch_size or ecfg.batch_size)
         stats: Dict[str, Any] = {}
         if encoded:
-            opt = torch.optim.AdamW(params, lr=ecfg.lr, weight_decay=ecfg.weight_decay)
+            opt = train_engine(model, lr=ecfg.lr, weight_decay=ecfg.weight_decay)
             stats = reflect_eto(model, opt, encoded, ref, ecfg, pad, seed=cfg.seed + it, progress=progress)
 
         # 4. Evaluation and checkpoint (after the row is logged).
@@ -298,7 +309,9 @@ def run_eto_iterations(ctx: CycleContext, pool, progress: bool = True) -> List[D
             **stats,
         }
         ctx.logger.log(row)
-        (cdir / "metrics.json").write_text(json.dumps(row, indent=1))
+        if dist.is_main():
+            cdir.mkdir(parents=True, exist_ok=True)
+            (cdir / "metrics.json").write_text(json.dumps(row, indent=1))
         log.info("ETO iteration %d: explore reward %.3f, %d pairs, dev reward %.1f", it,
                  row["eto/explore_reward"], len(pairs), summary["overall"]["reward_x100"])
         history.append(row)

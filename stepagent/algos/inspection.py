@@ -60,17 +60,38 @@ def inspect(
     progress: bool = True,
     desc: str = "inspection",
 ) -> Dict[str, List[Segment]]:
-    """Agent actions at every expert prefix; returns {trajectory id: segments in step order}."""
+    """Agent actions at every expert prefix; returns {trajectory id: segments in step order}.
+
+    Data parallel: each rank generates for every W-th prompt (by length) with the full
+    parameters gathered once (ZeRO-3), and every rank returns all segments."""
+    from stepagent import distributed as dist
+    from stepagent.train.engine import gathered
+
     segs = segments_of(trajs)
     out: Dict[str, List[Segment]] = defaultdict(list)
-    bar = tqdm(total=len(segs), desc=desc, disable=not progress, dynamic_ncols=True)
     # Longest prompts first: batches of similar length waste less padding.
     prompts = []
     for tr, t in segs:
         obs = [s.observation for s in tr.steps[:t]]
         prompts.append(encoder.encode_state(tr.instruction, tr.actions[:t], obs).input_ids)
     order = sorted(range(len(segs)), key=lambda i: -len(prompts[i]))
+    order = order[dist.rank() :: dist.world_size()]  # this rank's prompts
+    bar = tqdm(total=len(order), desc=desc, disable=not progress, dynamic_ncols=True)
     results: Dict[int, Segment] = {}
+    with gathered(model):
+        _inspect_batches(model, tokenizer, encoder, task, segs, prompts, order, num_samples, temperature,
+                         max_new_tokens, batch_size, desc, bar, results)
+    bar.close()
+    for part in dist.all_gather_objects(results):
+        results.update(part)
+    for j in range(len(segs)):
+        out[segs[j][0].id].append(results[j])
+    return dict(out)
+
+
+def _inspect_batches(model, tokenizer, encoder, task, segs, prompts, order, num_samples, temperature,
+                     max_new_tokens, batch_size, desc, bar, results: Dict[int, Segment]) -> None:
+    """Generate for the prompts ``order`` lists, ``batch_size`` at a time, into ``results``."""
     for i in range(0, len(order), batch_size):
         check_preemption(f"in {desc}")
         idx = order[i : i + batch_size]
@@ -86,10 +107,6 @@ def inspect(
             matches = [normalize_action(task.parse_action(x)) == target for x in texts]
             results[j] = Segment(tr.id, t, expert, texts, matches)
         bar.update(len(idx))
-    bar.close()
-    for j in range(len(segs)):
-        out[segs[j][0].id].append(results[j])
-    return dict(out)
 
 
 def agreement(segments: Dict[str, List[Segment]]) -> Dict[str, object]:

@@ -37,6 +37,8 @@ import torch
 from tqdm.auto import tqdm
 
 from stepagent.checkpoint import check_preemption
+from stepagent import distributed as dist
+from stepagent.train.engine import as_engine, gathered, train_engine
 from stepagent.train.packing import Packed
 from stepagent.train.ppo import (ValueHead, explained_variance, gae_over_slots, kl_estimate, make_value_head,
                                  one_step_advantage, packed_token_logprobs, ppo_policy_loss, value_loss)
@@ -59,7 +61,9 @@ class PPOSample:
 def token_logprobs_of(model, packs: Sequence[Packed], samples: Sequence[PPOSample], pad_id: int,
                       batch_size: int, value_head: Optional[ValueHead] = None):
     """(per-token log-probs, per-token values or None) of each sample's slot (no grad), in
-    ``samples`` order; the values come from the same forward (``packed_token_logprobs``)."""
+    ``samples`` order; the values come from the same forward (``packed_token_logprobs``).
+    Data parallel: each rank runs every W-th pack (full parameters gathered once under
+    ZeRO-3); every rank returns all samples' values."""
     was = model.training
     model.eval()
     by_pack: Dict[int, List[int]] = defaultdict(list)
@@ -67,16 +71,22 @@ def token_logprobs_of(model, packs: Sequence[Packed], samples: Sequence[PPOSampl
         by_pack[s.pack].append(i)
     out: List[Optional[torch.Tensor]] = [None] * len(samples)
     vout: List[Optional[torch.Tensor]] = [None] * len(samples)
-    ids = sorted(by_pack)
-    for c in range(0, len(ids), batch_size):
-        chunk = ids[c : c + batch_size]
-        lps, _, vals = packed_token_logprobs(model, [packs[p] for p in chunk], pad_id, value_head=value_head)
-        for j, p in enumerate(chunk):
-            for i in by_pack[p]:
-                out[i] = lps[j][samples[i].slot].cpu()
-                if vals is not None:
-                    vout[i] = vals[j][samples[i].slot].cpu()
+    ids = sorted(by_pack)[dist.rank() :: dist.world_size()]  # this rank's packs
+    with gathered(model):
+        for c in range(0, len(ids), batch_size):
+            chunk = ids[c : c + batch_size]
+            lps, _, vals = packed_token_logprobs(model, [packs[p] for p in chunk], pad_id, value_head=value_head)
+            for j, p in enumerate(chunk):
+                for i in by_pack[p]:
+                    out[i] = lps[j][samples[i].slot].cpu()
+                    if vals is not None:
+                        vout[i] = vals[j][samples[i].slot].cpu()
     model.train(was)
+    if dist.world_size() > 1:
+        mine = {i: (out[i], vout[i]) for p in ids for i in by_pack[p]}
+        for part in dist.all_gather_objects(mine):
+            for i, (lp, v) in part.items():
+                out[i], vout[i] = lp, v
     return out, (vout if value_head is not None else None)
 
 
@@ -86,19 +96,22 @@ def ppo_update(model, opt, packs: Sequence[Packed], samples: Sequence[PPOSample]
     """``ppo.epochs`` passes of minibatches of ``ppo.batch_size`` packs. Returns mean stats.
 
     With ``value_head`` (ppo.advantage=gae) every sample needs ``values_old`` and ``returns``,
-    ``opt`` must hold the head's parameters too, and c_V·L_V joins the loss."""
+    ``opt`` must hold the head's parameters too, and c_V·L_V joins the loss.
+
+    ``opt``: a ``train.engine`` engine (or a torch optimizer). Data parallel: each rank takes its
+    part of every minibatch (``shard_batch``); the engine averages the gradients, the stats are
+    averaged over ranks."""
+    opt = as_engine(opt)
     by_pack: Dict[int, List[PPOSample]] = defaultdict(list)
     for s in samples:
         by_pack[s.pack].append(s)
     pack_ids = sorted(by_pack)
     if not pack_ids:
         return {"ppo/steps": 0, "ppo/samples": 0}
-    params = [p for p in model.parameters() if p.requires_grad]
     extra: Dict[str, float] = {}
     if value_head is not None:
         if any(s.returns is None or s.values_old is None for s in samples):
             raise ValueError("ppo_update with a value head needs values_old and returns on every sample")
-        params += list(value_head.parameters())
         value_head.train()
         # How much of the return's variance V_old explains, before this update (CleanRL's EV).
         extra["ppo/explained_variance"] = explained_variance(
@@ -115,7 +128,7 @@ def ppo_update(model, opt, packs: Sequence[Packed], samples: Sequence[PPOSample]
         rng.shuffle(order)
         for c in range(0, len(order), pcfg.batch_size):
             check_preemption("in the PPO update")
-            chunk = order[c : c + pcfg.batch_size]
+            chunk = dist.shard_batch(order[c : c + pcfg.batch_size])
             lps, ents, vals = packed_token_logprobs(model, [packs[p] for p in chunk], pad_id,
                                                     with_entropy=want_entropy, value_head=value_head)
             logp, old, ref, adv, ent, v_new, v_old, v_ret = [], [], [], [], [], [], [], []
@@ -145,10 +158,8 @@ def ppo_update(model, opt, packs: Sequence[Packed], samples: Sequence[PPOSample]
                 # PPO2 clipped critic loss, clipped at the policy's ε around V_old
                 st["value_loss"] = value_loss(v_t, r_t, torch.ones_like(r_t), vo_t, clip=pcfg.clip_eps)
                 loss = loss + pcfg.value_coef * st["value_loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, pcfg.max_grad_norm)
-            opt.step()
+            opt.backward(loss)
+            gnorm = opt.step(pcfg.max_grad_norm)  # clips the policy's (and the head's) gradients together
             for k, v in {"loss": loss, "pg_loss": pg_loss, "kl_ref": kl, "entropy": entropy,
                          "grad_norm": gnorm, **st}.items():
                 sums[k] += float(v.detach()) if torch.is_tensor(v) else float(v)
@@ -159,8 +170,8 @@ def ppo_update(model, opt, packs: Sequence[Packed], samples: Sequence[PPOSample]
     model.eval()
     if value_head is not None:
         value_head.eval()
-    return {f"ppo/{k}": v / steps for k, v in sums.items()} | extra | {"ppo/steps": steps,
-                                                                         "ppo/samples": len(samples)}
+    means = dist.mean_over_ranks({f"ppo/{k}": v / steps for k, v in sums.items()})
+    return means | extra | {"ppo/steps": steps, "ppo/samples": len(samples)}
 
 
 def fill_old_logprobs(model, packs: Sequence[Packed], samples: List[PPOSample], pcfg, pad_id: int, ref_params,
@@ -198,13 +209,14 @@ def value_head_for(ctx) -> Optional[ValueHead]:
     return ctx.value_head
 
 
-def ppo_optimizer(model, pcfg, value_head: Optional[ValueHead] = None) -> torch.optim.Optimizer:
+def ppo_optimizer(model, pcfg, value_head: Optional[ValueHead] = None):
     """AdamW over the policy's trainable parameters and, with gae, the value head's (a second
     param group): one optimizer, created once per run, so both keep their moments across cycles."""
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    if value_head is not None:
-        groups.append({"params": list(value_head.parameters())})
-    return torch.optim.AdamW(groups, lr=pcfg.lr)
+    if value_head is None:
+        return train_engine(model, lr=pcfg.lr)  # torch's AdamW default weight decay (0.01)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]},
+              {"params": list(value_head.parameters())}]
+    return train_engine(model, lr=pcfg.lr, params=groups)
 
 
 def set_rollout_gae(samples: Sequence[PPOSample], episode_of: Sequence[int], rewards: Sequence[float],

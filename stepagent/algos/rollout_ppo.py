@@ -30,6 +30,7 @@ from typing import Any, Dict, List
 
 import torch
 
+from stepagent import distributed as dist
 from stepagent.algos.ppo_common import (PPOSample, fill_old_logprobs, ppo_optimizer, ppo_step_on_samples, ppo_update,
                                         set_rollout_gae, value_head_for)
 from stepagent.algos.stepagent import CycleContext, cycle_subset, heldout_agreement, log_initial_agreement, trainable_snapshot
@@ -64,6 +65,8 @@ def episode_mean_advantages(samples: List[PPOSample], index, n_episodes: int) ->
 
 
 def write_rollouts_jsonl(path: Path, episodes: List[Episode], advantages: List[float]) -> None:
+    if not dist.is_main():  # data parallel: rank 0 writes the run directory's files
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for ep, a in zip(episodes, advantages):
@@ -145,7 +148,9 @@ def run_rollout_ppo_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
             **stats,
         }
         ctx.logger.log(row)
-        (cdir / "metrics.json").write_text(json.dumps(row, indent=1))
+        if dist.is_main():
+            cdir.mkdir(parents=True, exist_ok=True)
+            (cdir / "metrics.json").write_text(json.dumps(row, indent=1))
         log.info("cycle %d (%s): rollout reward %.3f, dev reward %.1f", cycle, arm,
                  row["rollout/reward_mean"] or 0.0, row["eval/reward_x100"])
         history.append(row)

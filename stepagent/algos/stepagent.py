@@ -28,11 +28,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from stepagent import distributed as dist
 from stepagent.agent.prompts import PromptEncoder
 from stepagent.algos.inspection import Segment, agreement, inspect, write_contrast_jsonl
 from stepagent.checkpoint import check_preemption
 from stepagent.data.trajectory import Trajectory
 from stepagent.train.dpo import implicit_reward, step_dpo_loss
+from stepagent.train.engine import as_engine, gathered, release_full_copies, train_engine
 from stepagent.train.packing import Packed, pack_trajectory, packed_forward
 
 log = logging.getLogger(__name__)
@@ -86,54 +88,77 @@ def pair_indices(pack: Packed) -> Tuple[List[int], List[int]]:
 
 
 # ----------------------------------------------------------------------------- reference
+def _local_values(p: torch.nn.Parameter) -> torch.Tensor:
+    """The tensor holding this rank's values of ``p``: the parameter itself, or under ZeRO-3
+    its local shard (``ds_tensor``; the parameter's own data is empty between forwards)."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p
+
+
 @contextlib.contextmanager
 def swapped_trainable(model: torch.nn.Module, saved: Optional[Dict[str, torch.Tensor]]):
-    """Temporarily load ``saved`` values into the trainable parameters (None: no-op)."""
+    """Temporarily load ``saved`` values into the trainable parameters (None: no-op).
+
+    Under ZeRO-3 the swap is of each rank's shard, so a later ``gathered`` forward sees the
+    saved values; it must not be inside ``gathered`` (the gathered copies would not change)."""
     if saved is None:
         yield
         return
+    if getattr(model, "_stepagent_gathered", False):
+        raise RuntimeError("swapped_trainable inside gathered(model): swap first, then gather")
     current = {}
+    release_full_copies(model)  # ZeRO-3: whole copies (kept for small params) would hide the swap
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in saved:
-                current[n] = p.detach().to("cpu", copy=True)
-                p.copy_(saved[n].to(p.device))
+                v = _local_values(p)
+                current[n] = v.detach().to("cpu", copy=True)
+                v.copy_(saved[n].to(v.device))
     try:
         yield
     finally:
+        release_full_copies(model)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n in current:
-                    p.copy_(current[n].to(p.device))
+                    v = _local_values(p)
+                    v.copy_(current[n].to(v.device))
 
 
 def trainable_snapshot(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    """CPU copies of the trainable parameters (under ZeRO-3: of this rank's shards)."""
+    return {n: _local_values(p).detach().to("cpu", copy=True) for n, p in model.named_parameters()
+            if p.requires_grad}
 
 
 @torch.no_grad()
 def slot_logprobs(model, packs: Sequence[Packed], pad_id: int, batch_size: int) -> List[torch.Tensor]:
-    """Per-pack tensors of slot log-prob sums (no grad)."""
+    """Per-pack tensors of slot log-prob sums (no grad). Data parallel: each rank computes every
+    W-th pack (full parameters gathered once under ZeRO-3); every rank returns all of them."""
     was = model.training
     model.eval()
+    mine = [packs[i] for i in dist.shard_indices(len(packs))]
     out: List[torch.Tensor] = []
-    for i in range(0, len(packs), batch_size):
-        check_preemption("computing log-probs")
-        chunk = packs[i : i + batch_size]
-        lp, _ = packed_forward(model, chunk, pad_id)
-        sizes = [len(p.slots) for p in chunk]
-        out.extend(t.cpu() for t in torch.split(lp, sizes))
+    with gathered(model):
+        for i in range(0, len(mine), batch_size):
+            check_preemption("computing log-probs")
+            chunk = mine[i : i + batch_size]
+            lp, _ = packed_forward(model, chunk, pad_id)
+            sizes = [len(p.slots) for p in chunk]
+            out.extend(t.cpu() for t in torch.split(lp, sizes))
     model.train(was)
-    return out
+    return dist.gather_sharded(out, len(packs))
 
 
 # ----------------------------------------------------------------------------- reflection
 def reflect_implicit(
     model, opt, packs: List[Packed], ref_lps: List[torch.Tensor], rcfg, pad_id: int, seed: int, progress: bool = True
 ) -> Dict[str, float]:
-    """Step-level DPO over the cycle's packs. Returns mean diagnostics over optimizer steps."""
+    """Step-level DPO over the cycle's packs. Returns mean diagnostics over optimizer steps.
+
+    ``opt``: a ``train.engine`` engine (or a torch optimizer). Data parallel: every rank takes
+    its part of each minibatch (``shard_batch``); the engine averages the gradients."""
+    opt = as_engine(opt)
     rng = random.Random(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
     sums: Dict[str, float] = defaultdict(float)
     n_steps = 0
     model.train()
@@ -144,7 +169,7 @@ def reflect_implicit(
         rng.shuffle(order)
         for i in range(0, len(order), rcfg.batch_size):
             check_preemption("in step DPO")
-            idx = order[i : i + rcfg.batch_size]
+            idx = dist.shard_batch(order[i : i + rcfg.batch_size])
             chunk = [packs[j] for j in idx]
             lp, _ = packed_forward(model, chunk, pad_id)
             ref = torch.cat([ref_lps[j] for j in idx]).to(lp.device)
@@ -164,10 +189,8 @@ def reflect_implicit(
                 nll = -(lp[torch.tensor(expert_slots)] / n_tok.to(lp.device)).mean()
                 loss = loss + rcfg.nll_weight * nll
                 st["nll_expert"] = nll.detach()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            st["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, rcfg.max_grad_norm)
-            opt.step()
+            opt.backward(loss)
+            st["grad_norm"] = opt.step(rcfg.max_grad_norm)
             for k, v in st.items():
                 sums[k] += float(v)
             n_steps += 1
@@ -175,8 +198,8 @@ def reflect_implicit(
             bar.set_postfix(loss=f"{float(st['loss']):.3f}", acc=f"{float(st['accuracy']):.2f}", refresh=False)
     bar.close()
     model.eval()
-    return {f"dpo/{k}": v / max(n_steps, 1) for k, v in sums.items()} | {"dpo/steps": n_steps,
-                                                                         "dpo/pairs": sum(len(pair_indices(p)[1]) for p in packs)}
+    means = dist.mean_over_ranks({f"dpo/{k}": v / max(n_steps, 1) for k, v in sums.items()})
+    return means | {"dpo/steps": n_steps, "dpo/pairs": sum(len(pair_indices(p)[1]) for p in packs)}
 
 
 def step_reward_curve(
@@ -310,7 +333,6 @@ class CycleContext:
             self.checkpoints = Checkpointer(self.run_dir, self.cfg, self.logger, self.policy)
 
 
-
 def heldout_agreement(ctx: CycleContext) -> Dict[str, Any]:
     """Greedy agreement with the expert on held-out (dev) expert segments."""
     if not ctx.heldout:
@@ -339,7 +361,6 @@ def run_stepagent_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
     if rcfg.name not in ("implicit", "inverse"):
         raise ValueError(f"the inspection/reflection cycles take reward=implicit|inverse, not {rcfg.name}")
     pad = tok.pad_token_id
-    params = [p for p in model.parameters() if p.requires_grad]
     reference = rcfg.reference if rcfg.name == "implicit" else cfg.ppo.reference
     if reference not in ("cycle_start", "sft"):
         raise ValueError(f"the reference policy must be cycle_start or sft, got {reference!r}")
@@ -347,7 +368,7 @@ def run_stepagent_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
     sft_params = (ctx.checkpoints.reference_snapshot() or trainable_snapshot(model)) if reference == "sft" else None
     disc = disc_opt = None
     if rcfg.name == "implicit":
-        opt = torch.optim.AdamW(params, lr=rcfg.lr, weight_decay=rcfg.weight_decay)
+        opt = train_engine(model, lr=rcfg.lr, weight_decay=rcfg.weight_decay)
     else:
         from stepagent.algos.discriminator import Discriminator, DiscriminatorConfig
 
@@ -360,8 +381,8 @@ def run_stepagent_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
                                    lr=rcfg.disc_lr, epochs=rcfg.disc_epochs, batch_size=rcfg.disc_batch_size)
         torch.manual_seed(cfg.seed)
         disc = Discriminator.for_tokenizer(tok, dcfg).to(next(model.parameters()).device)
-        disc_opt = torch.optim.AdamW(disc.parameters(), lr=rcfg.disc_lr)
         log.info("discriminator: %.2fM parameters", sum(p.numel() for p in disc.parameters()) / 1e6)
+        disc_opt = train_engine(disc, lr=rcfg.disc_lr)  # its own DeepSpeed engine under deepspeed=...
 
     # What trains across cycles: in every checkpoint, restored when resuming after cycle n.
     train = {"policy_optimizer": opt, "discriminator": disc, "discriminator_optimizer": disc_opt,
@@ -377,7 +398,8 @@ def run_stepagent_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
         segments = inspect(model, tok, ctx.encoder, ctx.task, subset, cfg.inspection.samples_per_state,
                            cfg.inspection.temperature, cfg.policy.max_new_tokens, cfg.inspection.batch_size,
                            desc=f"cycle {cycle} inspection")
-        write_contrast_jsonl(cdir / "contrast.jsonl", segments)
+        if dist.is_main():
+            write_contrast_jsonl(cdir / "contrast.jsonl", segments)
         agree = agreement(segments)
 
         # 2. Reflection with the step reward (one packed pass per trajectory).
@@ -410,7 +432,8 @@ def run_stepagent_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
             **stats,
         }
         ctx.logger.log(row)
-        (cdir / "metrics.json").write_text(__import__("json").dumps(row, indent=1))
+        if dist.is_main():
+            (cdir / "metrics.json").write_text(__import__("json").dumps(row, indent=1))
         log.info("cycle %d: agreement %.3f (held-out %s), dev reward %.1f", cycle, agree["rate"],
                  held["rate"], summary["overall"]["reward_x100"])
         history.append(row)

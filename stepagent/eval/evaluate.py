@@ -109,7 +109,35 @@ def run_episodes(
 
     An instance may appear several times (K rollouts of one task): episodes are
     tracked by position, not by instance id.
+
+    Data parallel (several ranks): each rank plays its share of the instances (every
+    W-th) in its own environment pool, with the full parameters gathered once for the
+    whole phase under ZeRO-3, so ranks may need different numbers of generation calls;
+    every rank returns all episodes.
     """
+    from stepagent import distributed as dist
+    from stepagent.train.engine import gathered
+
+    mine = dist.shard_indices(len(instances))
+    with gathered(model):
+        local = _play_episodes(model, tokenizer, encoder, task, [instances[i] for i in mine], pool,
+                               max_new_tokens, temperature, progress, desc)
+    return dist.gather_sharded(local, len(instances))
+
+
+def _play_episodes(
+    model,
+    tokenizer,
+    encoder: PromptEncoder,
+    task: Task,
+    instances: Sequence[TaskInstance],
+    pool,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    progress: bool = True,
+    desc: str = "eval",
+) -> List[Episode]:
+    """``run_episodes`` in this process: continuous batching over the pool's workers."""
     queue = list(enumerate(instances))
     finished: Dict[int, Episode] = {}
     position: Dict[int, int] = {}  # slot -> position in ``instances``

@@ -82,15 +82,20 @@ def train_sft(
     seed: int = 0,
     progress: bool = True,
 ) -> Dict[str, float]:
-    """Plain PyTorch SFT loop. Returns first/last epoch mean losses."""
+    """SFT loop (``train.engine``: AdamW, or the model's DeepSpeed engine). Returns first/last
+    epoch mean losses. Data parallel: each rank takes its part of every minibatch
+    (``shard_batch``), the engine averages the gradients; the epoch losses are over all ranks."""
+    from stepagent import distributed as dist
+    from stepagent.train.engine import train_engine
+
     if not samples:
         raise ValueError("SFT got no training samples (no expert trajectories?)")
     rng = random.Random(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = train_engine(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total))
+    schedule = lr_lambda(cfg.warmup_steps, total)  # lr of step k = cfg.lr * schedule(k)
+    device = next(model.parameters()).device
     model.train()
     epoch_losses: List[float] = []
     step = 0
@@ -101,14 +106,13 @@ def train_sft(
         tot_loss, tot_tok = 0.0, 0.0
         for i in range(0, len(order), cfg.batch_size):
             check_preemption("in SFT")
-            batch = collate([samples[j] for j in order[i : i + cfg.batch_size]], pad_id)
+            batch = collate([samples[j] for j in dist.shard_batch(order[i : i + cfg.batch_size])], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             loss, n_tok = masked_nll(out.logits, batch["input_ids"], batch["loss_mask"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            sched.step()
+            opt.set_lr(cfg.lr * schedule(step))
+            opt.backward(loss)
+            gnorm = opt.step(cfg.max_grad_norm)
             step += 1
             tot_loss += loss.item() * n_tok.item()
             tot_tok += n_tok.item()
@@ -116,10 +120,13 @@ def train_sft(
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", refresh=False)
             if logger is not None:
                 logger.log(
-                    {"sft/loss": loss.item(), "sft/grad_norm": float(gnorm), "sft/lr": sched.get_last_lr()[0],
+                    {"sft/loss": loss.item(), "sft/grad_norm": float(gnorm), "sft/lr": cfg.lr * schedule(step),
                      "sft/epoch": epoch},
                     step=None,
                 )
+        if dist.world_size() > 1:
+            tot = dist.mean_over_ranks({"loss": tot_loss, "tok": tot_tok})
+            tot_loss, tot_tok = tot["loss"], tot["tok"]
         epoch_losses.append(tot_loss / max(tot_tok, 1))
         log.info("SFT epoch %d: mean action-token NLL %.4f", epoch, epoch_losses[-1])
     bar.close()
