@@ -9,6 +9,7 @@ registry keyed by the option's ``name``/``kind`` (verl-style).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -416,12 +417,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     keep = typed.checkpoint.keep_last
     if keep is not None and keep < 1:
         raise ConfigError(f"checkpoint.keep_last must be >= 1 or null (keep all), got {keep}")
-    import os
-
-    validate_deepspeed_config(typed.deepspeed, int(os.environ.get("WORLD_SIZE", "1")))
-    if typed.deepspeed.name != "none" and typed.ppo.advantage == "gae":
-        raise ConfigError("ppo.advantage=gae with deepspeed=...: the value head is outside the policy's "
-                          "DeepSpeed engine; not supported yet (use ppo.advantage=loo)")
+    validate_deepspeed_config(typed.deepspeed, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's
     typed.task = task
     typed.policy = policy
     typed.reward = reward

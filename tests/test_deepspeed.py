@@ -90,17 +90,27 @@ def test_implicit_cycle_on_two_ranks(zero, tmp_path, shared_cache):
     assert r.stdout.count("Run directory:") == 1  # rank 0 prints the results
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_inverse_cycle_on_two_ranks(zero, tmp_path, shared_cache):
-    """SFT + one inverse-reward cycle: the discriminator (its own DeepSpeed engine) and a PPO update."""
+@pytest.mark.parametrize("zero,advantage", [("zero2", "loo"), ("zero3", "gae")])
+def test_inverse_cycle_on_two_ranks(zero, advantage, tmp_path, shared_cache):
+    """SFT + one inverse-reward cycle: the discriminator (its own DeepSpeed engine) and a PPO update
+    (with gae: the value head trained beside the policy's engine, replicated on both ranks)."""
     _torchrun([str(REPO / "run.py"), *FAST, "reward=inverse", "reward.disc_hidden_size=32",
-               "reward.disc_num_layers=1", "ppo.epochs=1", f"deepspeed={zero}", f"cache_dir={shared_cache}"],
-              tmp_path, timeout=600)
+               "reward.disc_num_layers=1", "ppo.epochs=1", f"ppo.advantage={advantage}", f"deepspeed={zero}",
+               f"cache_dir={shared_cache}"], tmp_path, timeout=600)
     run_dir = _run_dir(tmp_path)
     (cycle,) = json.loads((run_dir / "results.json").read_text())["cycles"]
     assert cycle["ppo/steps"] >= 1 and cycle["disc/steps_train"] >= 1
     assert 0.0 <= cycle["disc/acc_train"] <= 1.0
     assert _weights_changed(run_dir)
+    if advantage == "gae":
+        import torch
+
+        assert cycle["ppo/value_loss"] > 0
+        # the head's state is in the checkpoint; its per-rank optimizer part beside the engine's
+        head = torch.load(run_dir / "checkpoints/cycle_1/train_state.pt", weights_only=False)["value_head"]
+        assert head["proj.weight"].abs().sum() > 0
+        opt = torch.load(run_dir / "checkpoints/cycle_1/policy_optimizer.rank1.pt", weights_only=False)
+        assert set(opt) == {"engine", "extra"}
     logs = (run_dir / "logs/rank0.log").read_text()
     assert "engine for Discriminator (2 ranks)" in logs
 

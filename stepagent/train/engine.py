@@ -107,7 +107,11 @@ def _grad_norm(params) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- deepspeed
 class DeepSpeedTrainEngine:
-    """``deepspeed.initialize`` on ``module`` with a torch AdamW; reused for every stage."""
+    """``deepspeed.initialize`` on ``module`` with a torch AdamW; reused for every stage.
+
+    ``extra`` parameters (the PPO value head: a small module outside the policy) train beside
+    it, replicated on every rank: their gradients are averaged over ranks by hand, clipped on
+    their own, and stepped by a plain AdamW."""
 
     def __init__(self, module: torch.nn.Module, ds_config: Dict[str, Any], lr: float, weight_decay: float):
         import deepspeed
@@ -118,16 +122,43 @@ class DeepSpeedTrainEngine:
         opt = torch.optim.AdamW(trainable(module), lr=lr, weight_decay=weight_decay)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=dict(ds_config))
         self.params = trainable(module)
+        self.extra: Optional[torch.optim.Optimizer] = None
 
-    def configure(self, lr: float, weight_decay: float) -> "DeepSpeedTrainEngine":
-        """A new stage: its lr and weight decay, and the AdamW moments cleared."""
+    def configure(self, lr: float, weight_decay: float, extra_groups=None) -> "DeepSpeedTrainEngine":
+        """A new stage: its lr and weight decay, the AdamW moments cleared, and the stage's extra
+        parameter groups (None: none)."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
             g["weight_decay"] = weight_decay
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the torch optimizer
         inner.state.clear()
         self.ds.zero_grad()
+        self.extra = torch.optim.AdamW(extra_groups, lr=lr, weight_decay=weight_decay) if extra_groups else None
+        if self.extra is not None:
+            self.extra.zero_grad(set_to_none=True)
         return self
+
+    def _extra_params(self) -> List[torch.nn.Parameter]:
+        return [p for g in self.extra.param_groups for p in g["params"]] if self.extra is not None else []
+
+    def _step_extra(self, max_grad_norm: Optional[float]) -> float:
+        """Average the extra gradients over ranks, clip them (on their own), step; their norm."""
+        params = [p for p in self._extra_params() if p.grad is not None]
+        if not params:
+            return 0.0
+        if dist.world_size() > 1:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            torch.distributed.all_reduce(flat)
+            flat /= dist.world_size()
+            i = 0
+            for p in params:
+                p.grad.copy_(flat[i : i + p.numel()].view_as(p.grad))
+                i += p.numel()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm is not None \
+            else _grad_norm(params)
+        self.extra.step()
+        self.extra.zero_grad(set_to_none=True)
+        return float(gnorm)
 
     def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
         """``boundary=False`` for all but the last micro-batch of an optimizer step."""
@@ -144,17 +175,23 @@ class DeepSpeedTrainEngine:
         else:
             self.optimizer.clip_grad = float(max_grad_norm or 0.0)
             gnorm = None
+        extra_norm = self._step_extra(max_grad_norm) if self.extra is not None else 0.0
         self.ds.step()
         if gnorm is None:
             gnorm = self.ds.get_global_grad_norm()
-        return float(gnorm) if gnorm is not None else float("nan")
+        gnorm = float(gnorm) if gnorm is not None else float("nan")
+        return (gnorm ** 2 + extra_norm ** 2) ** 0.5  # the norm over all trained parameters, before clipping
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        for g in self.extra.param_groups if self.extra is not None else []:
+            g["lr"] = lr
 
     def zero_grad(self) -> None:
         self.ds.zero_grad()
+        if self.extra is not None:
+            self.extra.zero_grad(set_to_none=True)
 
     # -- checkpoints: every rank saves and loads its own part (stepagent/checkpoint.py)
     def state_dict(self) -> Dict[str, Any]:
@@ -172,11 +209,17 @@ class DeepSpeedTrainEngine:
     def rank_state_dict(self) -> Dict[str, Any]:
         """This rank's optimizer state: AdamW moments and fp32 master weights of its partition
         (ZeRO 1-3), or the whole torch AdamW state (stage 0, the same on every rank)."""
-        return self.optimizer.state_dict()
+        sd = self.optimizer.state_dict()
+        return {"engine": sd, "extra": self.extra.state_dict()} if self.extra is not None else sd
 
     def load_rank_state_dict(self, sd: Dict[str, Any]) -> None:
         """Inverse of ``rank_state_dict`` on the same rank. ZeRO 1-3 also restore the fp32 master
         weights (ZeRO-3: and this rank's parameter shard from them)."""
+        if self.extra is not None:
+            if "extra" not in sd:
+                raise ValueError("the checkpoint has no state for this stage's extra parameters (value head)")
+            self.extra.load_state_dict(sd["extra"])
+            sd = sd["engine"]
         if isinstance(self.optimizer, torch.optim.Optimizer):
             self.optimizer.load_state_dict(sd)
             return
@@ -207,16 +250,20 @@ def train_engine(module: torch.nn.Module, lr: float, weight_decay: float = 0.01,
         opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
         flat = [p for g in opt.param_groups for p in g["params"]]
         return PlainEngine(flat, opt)
-    if params is not None:
-        raise NotImplementedError("DeepSpeed engines train the module's own trainable parameters only")
+    extra = None
+    if params is not None:  # [module's trainable parameters, extra groups...] (the PPO value head)
+        first = params[0]["params"] if isinstance(params[0], dict) else params
+        if {id(p) for p in first} != {id(p) for p in trainable(module)}:
+            raise ValueError("train_engine(params=...) under DeepSpeed: the first group must be the module's "
+                             "trainable parameters; later groups are trained beside the engine")
+        extra = [dict(g) for g in params[1:]]
     eng = _ENGINES.get(module)
     if eng is None:
         eng = DeepSpeedTrainEngine(module, _DS_CONFIG, lr, weight_decay)
         _ENGINES[module] = eng
         log.info("DeepSpeed ZeRO stage %d engine for %s (%d ranks)", eng.stage, type(module).__name__,
                  dist.world_size())
-        return eng
-    return eng.configure(lr, weight_decay)
+    return eng.configure(lr, weight_decay, extra)
 
 
 def as_engine(opt, module: Optional[torch.nn.Module] = None):
