@@ -6,7 +6,10 @@ DeepSpeed (DS_ACCELERATOR=cpu, gloo), real ScienceWorld, the tiny policy.
   one log file per rank, evaluation episodes split across ranks and gathered;
 * ZeRO-3 with every parameter partitioned: ranks that generate different lengths and make
   different numbers of generation calls do not deadlock; π_ref through swapped shards;
-* float32 ZeRO stage 0 and stage 2 give the same losses step for step.
+* float32 ZeRO stage 0 and stage 2 give the same losses step for step;
+* a sharded checkpoint resumes exactly.
+Slow: a resumed 2-rank run == the uninterrupted one; SIGTERM stops both ranks at the same
+point; ETO / outcome with GAE / LOOP on 2 ranks.
 """
 
 import json
@@ -217,3 +220,48 @@ def test_resumed_two_rank_run_matches_the_uninterrupted_one(tmp_path, shared_cac
     assert a["cycles"] == b["cycles"] and a["summaries"] == b["summaries"]
     wa, wb = (load_file(tmp_path / d / "checkpoints/cycle_2/model.safetensors") for d in ("straight", "resumed"))
     assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm", [
+    ["algo=eto", "deepspeed=zero3", "algo.tasks_per_iteration=2", "algo.reference=sft", "algo.micro_batch_size=1"],
+    ["reward=outcome", "deepspeed=zero2", "ppo.epochs=1", "ppo.advantage=gae"],
+    ["algo=loop", "deepspeed=zero3", "ppo.epochs=1", "inspection.samples_per_state=2"],
+], ids=["eto-zero3", "outcome-gae-zero2", "loop-zero3"])
+def test_other_arms_on_two_ranks(arm, tmp_path, shared_cache):
+    """ETO (micro-batches: gradient accumulation across engine.backward calls), outcome PPO with
+    GAE and LOOP on rollouts split across the ranks' environment pools."""
+    _torchrun([str(REPO / "run.py"), *FAST, *arm, "task.max_steps=6", f"cache_dir={shared_cache}"], tmp_path,
+              timeout=600)
+    (cycle,) = json.loads((_run_dir(tmp_path) / "results.json").read_text())["cycles"]
+    if arm[0] == "algo=eto":
+        assert cycle["eto/episodes"] == 2 and (cycle["eto/pairs"] == 0 or cycle["dpo/steps"] >= 1)
+    else:
+        assert cycle["rollout/episodes"] == 2 * 2 and cycle["rollout/crashed"] == 0
+
+
+@pytest.mark.slow
+def test_sigterm_stops_both_ranks_at_the_same_point_and_resume_finishes(tmp_path, shared_cache):
+    """SIGTERM to the torchrun job after the SFT checkpoint: both ranks stop at the same safe point
+    (the preemption check is collective), and resume=auto finishes the run from the checkpoint."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    cmd = [*TORCHRUN, str(REPO / "run.py"), *FAST, "reward=implicit", "cycles=2", "deepspeed=zero3",
+           f"cache_dir={shared_cache}", f"hydra.run.dir={run_dir}", "resume=auto"]
+    with open(tmp_path / "first.log", "w") as out:
+        p = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoints/sft/COMPLETE").exists():
+            assert p.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(p.pid, signal.SIGTERM)
+        assert p.wait(timeout=300) != 0
+    stops = [line for k in (0, 1) for line in (run_dir / f"logs/rank{k}.log").read_text().splitlines()
+             if "SIGTERM received; stopped" in line]
+    assert len(stops) == 2 and len({s.split("stopped", 1)[1] for s in stops}) == 1, stops
+    _torchrun(cmd[len(TORCHRUN):], tmp_path, timeout=600)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [c["cycle"] for c in results["cycles"]] == [1, 2]
+    assert "resuming from" in (run_dir / "logs/rank1.log").read_text()
