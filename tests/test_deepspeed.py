@@ -9,7 +9,7 @@ DeepSpeed (DS_ACCELERATOR=cpu, gloo), real ScienceWorld, the tiny policy.
 * float32 ZeRO stage 0 and stage 2 give the same losses step for step;
 * a sharded checkpoint resumes exactly.
 Slow: a resumed 2-rank run == the uninterrupted one; SIGTERM stops both ranks at the same
-point; ETO / outcome with GAE / LOOP on 2 ranks.
+point; ETO / outcome with GAE / LOOP on 2 ranks; an HF policy with LoRA under ZeRO-3.
 """
 
 import json
@@ -265,3 +265,29 @@ def test_sigterm_stops_both_ranks_at_the_same_point_and_resume_finishes(tmp_path
     results = json.loads((run_dir / "results.json").read_text())
     assert [c["cycle"] for c in results["cycles"]] == [1, 2]
     assert "resuming from" in (run_dir / "logs/rank1.log").read_text()
+
+
+@pytest.mark.slow
+def test_hf_lora_policy_on_two_ranks_zero3(tmp_path, shared_cache, tiny_tokenizer):
+    """policy=hf from a local directory with a LoRA adapter (and gradient checkpointing) under ZeRO-3:
+    the frozen base is partitioned too; π_ref = SFT through the adapter's swapped shards; the
+    checkpoints hold the whole adapter."""
+    from safetensors.torch import load_file
+
+    from conftest import make_tiny_model
+
+    model_dir = tmp_path / "hf"
+    make_tiny_model(tiny_tokenizer, layers=2, hidden=64).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    small = [o for o in FAST if not o.startswith("policy.")]
+    _torchrun([str(REPO / "run.py"), *small, "policy=hf", f"policy.name_or_path={model_dir}", "policy.dtype=float32",
+               "policy.max_seq_len=1024", "policy.max_new_tokens=12", "policy.use_task_preamble=false",
+               "reward=implicit", "reward.reference=sft", "deepspeed=zero3", f"cache_dir={shared_cache}"],
+              tmp_path, timeout=600)
+    run_dir = _run_dir(tmp_path)
+    (cycle,) = json.loads((run_dir / "results.json").read_text())["cycles"]
+    assert cycle["dpo/steps"] >= 1
+    sft, cyc = (load_file(run_dir / f"checkpoints/{t}/adapter_model.safetensors") for t in ("sft", "cycle_1"))
+    assert all(v.numel() > 0 for v in sft.values()) and any((sft[k] != cyc[k]).any() for k in sft)
+    assert {"reference.rank0.safetensors", "reference.rank1.safetensors"} <= {
+        p.name for p in (run_dir / "checkpoints/cycle_1").iterdir()}
