@@ -9,7 +9,7 @@ STAMP := $(VENV)/.stepagent-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow java venv bench clean
+.PHONY: run test test-slow java venv bench ablation clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ test: $(STAMP) java
 
 test-slow: $(STAMP) java
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# The paper ablation at mini scale (6 arms x 3 seeds, tiny policy, ~2 h on 2 cores), then its
+# table and plots. Re-running continues where it stopped (finished runs are skipped).
+ABLATION ?= ablation_mini
+ablation: $(STAMP) java
+	$(PY) experiments/sweep.py experiments/sweeps/$(ABLATION).txt
+	$(PY) experiments/report.py outputs/$(ABLATION) --out outputs/$(ABLATION)/report
 
 bench: $(STAMP) java
 	$(PY) benchmarks/env_throughput.py

@@ -105,9 +105,13 @@ def test_killed_worker_gives_crashed_step_then_slot_recovers(pool, gold):
 
 
 def test_silent_worker_times_out_and_is_replaced():
-    with EnvPool(ScienceWorldTextEnv, num_workers=1, step_timeout_s=4) as pool:
+    # Start and query the worker with a generous limit (a loaded machine can take over 4 s to
+    # answer), then shorten it for the silent step only.
+    with EnvPool(ScienceWorldTextEnv, num_workers=1, step_timeout_s=120) as pool:
         pool.reset_batch([(0, ANIMAL)])
         worker, jvm = pool.worker_pids()[0], pool.jvm_pids()[0]
+        assert jvm is not None
+        pool.step_timeout_s = 4
         os.kill(worker, signal.SIGSTOP)  # alive but silent
         t0 = time.monotonic()
         res = pool.step_batch([(0, "look around")])[0]
