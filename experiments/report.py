@@ -58,6 +58,7 @@ class Run:
     split: str
     stages: Dict[str, Dict[str, float]]  # stage -> {"reward_x100", "success_rate"}
     cycles: List[Dict[str, Any]] = field(default_factory=list)  # per-cycle metric rows
+    start: Dict[str, Any] = field(default_factory=dict)  # the cycle-0 row (after SFT), if logged
 
     @property
     def column(self) -> str:
@@ -101,8 +102,15 @@ def load_run(run_dir: Path) -> Run:
     res = json.loads((run_dir / "results.json").read_text())
     stages = {k: {"reward_x100": v["overall"]["reward_x100"], "success_rate": v["overall"]["success_rate"]}
               for k, v in res["summaries"].items()}
+    start: Dict[str, Any] = {}
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():  # cycle-0 rows: held-out agreement (and eval) of the SFT policy
+        for line in metrics.read_text().splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if row.get("cycle") == 0:
+                start.update(row)
     return Run(str(run_dir), arm_of(cfg), int(cfg.get("seed", 0)), cfg["task"]["name"],
-               cfg.get("eval", {}).get("split", "dev"), stages, list(res.get("cycles") or []))
+               cfg.get("eval", {}).get("split", "dev"), stages, list(res.get("cycles") or []), start)
 
 
 def find_runs(roots: Sequence[Path]) -> Tuple[List[Run], List[Path]]:
@@ -300,6 +308,9 @@ def plot_cycle_metric(runs: Sequence[Run], keys: Sequence[Tuple[str, str]], path
         for key, label in keys:
             n = max(len(r.cycles) for r in ar)
             xs, m, sd = [], [], []
+            mm, ss, cnt = mean_std([r.start[key] for r in ar if isinstance(r.start.get(key), (int, float))])
+            if cnt:  # cycle 0: the SFT policy, where the cycles start from
+                xs.append(0), m.append(mm), sd.append(ss)
             for k in range(n):
                 vals = [r.cycles[k].get(key) for r in ar if k < len(r.cycles)]
                 mm, ss, cnt = mean_std([v for v in vals if isinstance(v, (int, float))])
@@ -312,13 +323,13 @@ def plot_cycle_metric(runs: Sequence[Run], keys: Sequence[Tuple[str, str]], path
                         label=f"{ARM_LABEL.get(arm, arm)} {label}".strip())
                 ax.fill_between(xs, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
                                 color=arm_color(arm), alpha=0.10)
-                ax.set_xticks(range(1, n + 1))
+                ax.set_xticks(range(0 if xs[0] == 0 else 1, n + 1))
     if not drawn:
         plt.close(fig)
         return False
     if chance is not None:
         ax.axhline(chance, color="gray", lw=0.8, ls=":")
-    ax.set_xlabel("cycle")
+    ax.set_xlabel("cycle (0 = after SFT)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
