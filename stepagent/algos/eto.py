@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from stepagent.agent.prompts import Encoded, PromptEncoder
 from stepagent import distributed as dist
 from stepagent.config import ETOAlgoConfig
-from stepagent.algos.stepagent import CycleContext, swapped_trainable, trainable_snapshot
+from stepagent.algos.stepagent import CycleContext, record_cycle, swapped_trainable, trainable_snapshot
 from stepagent.checkpoint import check_preemption
 from stepagent.data.trajectory import Trajectory
 from stepagent.eval.evaluate import Episode, run_episodes
@@ -308,10 +308,7 @@ def run_eto_iterations(ctx: CycleContext, pool, progress: bool = True) -> List[D
             "eval/success_rate": summary["overall"]["success_rate"],
             **stats,
         }
-        ctx.logger.log(row)
-        if dist.is_main():
-            cdir.mkdir(parents=True, exist_ok=True)
-            (cdir / "metrics.json").write_text(json.dumps(row, indent=1))
+        record_cycle(ctx, cdir, row)
         log.info("ETO iteration %d: explore reward %.3f, %d pairs, dev reward %.1f", it,
                  row["eto/explore_reward"], len(pairs), summary["overall"]["reward_x100"])
         history.append(row)

@@ -33,7 +33,8 @@ import torch
 from stepagent import distributed as dist
 from stepagent.algos.ppo_common import (PPOSample, fill_old_logprobs, ppo_optimizer, ppo_step_on_samples, ppo_update,
                                         set_rollout_gae, value_head_for)
-from stepagent.algos.stepagent import CycleContext, cycle_subset, heldout_agreement, log_initial_agreement, trainable_snapshot
+from stepagent.algos.stepagent import (CycleContext, cycle_subset, heldout_agreement, log_initial_agreement,
+                                       record_cycle, trainable_snapshot)
 from stepagent.eval.evaluate import Episode, run_episodes
 from stepagent.train.packing import Packed, pack_trajectory
 from stepagent.train.ppo import drop_small_advantages, loo_advantages
@@ -147,10 +148,7 @@ def run_rollout_ppo_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
             "eval/success_rate": summary["overall"]["success_rate"],
             **stats,
         }
-        ctx.logger.log(row)
-        if dist.is_main():
-            cdir.mkdir(parents=True, exist_ok=True)
-            (cdir / "metrics.json").write_text(json.dumps(row, indent=1))
+        record_cycle(ctx, cdir, row)
         log.info("cycle %d (%s): rollout reward %.3f, dev reward %.1f", cycle, arm,
                  row["rollout/reward_mean"] or 0.0, row["eval/reward_x100"])
         history.append(row)

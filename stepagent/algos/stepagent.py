@@ -333,6 +333,17 @@ class CycleContext:
             self.checkpoints = Checkpointer(self.run_dir, self.cfg, self.logger, self.policy)
 
 
+def record_cycle(ctx: CycleContext, cdir: Path, row: Dict[str, Any]) -> None:
+    """A cycle's metrics row: logged (metrics.jsonl, W&B) and kept beside the cycle's data
+    as ``<cdir>/metrics.json`` (rank 0 writes files). Every algorithm's cycle loop ends here."""
+    import json
+
+    ctx.logger.log(row)
+    if dist.is_main():
+        cdir.mkdir(parents=True, exist_ok=True)
+        (cdir / "metrics.json").write_text(json.dumps(row, indent=1))
+
+
 def heldout_agreement(ctx: CycleContext) -> Dict[str, Any]:
     """Greedy agreement with the expert on held-out (dev) expert segments."""
     if not ctx.heldout:
@@ -431,9 +442,7 @@ def run_stepagent_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
             "eval/success_rate": summary["overall"]["success_rate"],
             **stats,
         }
-        ctx.logger.log(row)
-        if dist.is_main():
-            (cdir / "metrics.json").write_text(__import__("json").dumps(row, indent=1))
+        record_cycle(ctx, cdir, row)
         log.info("cycle %d: agreement %.3f (held-out %s), dev reward %.1f", cycle, agree["rate"],
                  held["rate"], summary["overall"]["reward_x100"])
         history.append(row)
