@@ -42,6 +42,22 @@ def tiny_tokenizer():
     return train_bpe_tokenizer(CORPUS * 20, vocab_size=400)
 
 
+def toy_task():
+    """A Task with no instances or environment: inspection needs only its interface."""
+    from stepagent.envs.base import Task
+
+    class ToyTask(Task):
+        name = "toy"
+
+        def instances(self, split):
+            return []
+
+        def env_factory(self):
+            raise NotImplementedError
+
+    return ToyTask(None)
+
+
 def make_tiny_model(tokenizer, seed=0, attn="sdpa", layers=2, hidden=64):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -20,7 +20,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import torch  # noqa: E402
 
-from conftest import CORPUS, make_tiny_model  # noqa: E402
+from conftest import CORPUS, make_tiny_model, toy_task  # noqa: E402
 from stepagent import distributed as dist  # noqa: E402
 from stepagent.agent.generation import generate_actions  # noqa: E402
 from stepagent.agent.prompts import PromptEncoder  # noqa: E402
@@ -28,19 +28,8 @@ from stepagent.algos.inspection import inspect  # noqa: E402
 from stepagent.algos.stepagent import (build_packs, reflect_implicit, slot_logprobs, swapped_trainable,  # noqa: E402
                                        trainable_snapshot)
 from stepagent.data.trajectory import Step, Trajectory  # noqa: E402
-from stepagent.envs.base import Task  # noqa: E402
 from stepagent.train import engine as E  # noqa: E402
 from stepagent.train.sft import sft_samples, train_sft  # noqa: E402
-
-
-class ToyTask(Task):
-    name = "toy"
-
-    def instances(self, split):
-        return []
-
-    def env_factory(self):
-        raise NotImplementedError
 
 
 def ds_config(stage: int):
@@ -99,7 +88,7 @@ def generation(out: Path) -> dict:
 
     # 3. The real inspection: 9 segments, batch size 2 -> rank 0 has 3 batches, rank 1 2.
     trajs = trajectories(3)
-    segs = inspect(model, tok, enc, ToyTask(None), trajs, num_samples=2, temperature=1.0, max_new_tokens=6,
+    segs = inspect(model, tok, enc, toy_task(), trajs, num_samples=2, temperature=1.0, max_new_tokens=6,
                    batch_size=2, progress=False)
     seg_view = {k: [(s.step, s.agent_actions) for s in v] for k, v in segs.items()}
 
@@ -145,7 +134,7 @@ def parity(out: Path) -> dict:
         sft = [(row["sft/loss"], row["sft/grad_norm"], row["sft/lr"]) for row in logger.rows]
         # a second stage on the same engine: its own lr, fresh AdamW moments
         torch.manual_seed(5)
-        segs = inspect(model, tok, enc, ToyTask(None), trajectories(4), 2, 1.0, 6, batch_size=4, progress=False)
+        segs = inspect(model, tok, enc, toy_task(), trajectories(4), 2, 1.0, 6, batch_size=4, progress=False)
         packs, _ = build_packs(enc, trajectories(4), segs, 1024)
         ref = slot_logprobs(model, packs, tok.pad_token_id, 4)
         opt = E.train_engine(model, lr=1e-3, weight_decay=0.0)

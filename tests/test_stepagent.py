@@ -8,19 +8,8 @@ from stepagent.agent.prompts import PromptEncoder
 from stepagent.algos.inspection import agreement, inspect, normalize_action
 from stepagent.algos.stepagent import (build_packs, pair_indices, reflect_implicit, slot_logprobs,
                                        step_reward_curve, swapped_trainable, trainable_snapshot)
-from stepagent.envs.base import Task
 from stepagent.train.sft import sft_samples, train_sft
-from tests.conftest import make_tiny_model
-
-
-class _Task(Task):
-    name = "toy"
-
-    def instances(self, split):
-        return []
-
-    def env_factory(self):
-        raise NotImplementedError
+from tests.conftest import make_tiny_model, toy_task
 
 
 def test_normalize_action():
@@ -32,7 +21,7 @@ def test_inspection_produces_k_actions_per_prefix(tiny_tokenizer, sample_traject
     enc = PromptEncoder(tiny_tokenizer, 1000)
     other = sample_trajectory.__class__(**{**sample_trajectory.__dict__, "id": "b",
                                           "steps": sample_trajectory.steps[:2]})
-    segs = inspect(model, tiny_tokenizer, enc, _Task(None), [sample_trajectory, other], num_samples=3,
+    segs = inspect(model, tiny_tokenizer, enc, toy_task(), [sample_trajectory, other], num_samples=3,
                    temperature=1.0, max_new_tokens=6, batch_size=2, progress=False)
     assert [s.step for s in segs[sample_trajectory.id]] == [0, 1, 2]
     assert [s.step for s in segs["b"]] == [0, 1]
@@ -48,7 +37,7 @@ def test_sft_to_convergence_gives_full_agreement_and_no_contrast(tiny_tokenizer,
     enc = PromptEncoder(tiny_tokenizer, 1000)
     cfg = SimpleNamespace(lr=1e-2, weight_decay=0.0, batch_size=1, epochs=40, warmup_steps=2, max_grad_norm=1.0)
     train_sft(model, sft_samples([sample_trajectory], enc, 1024), cfg, tiny_tokenizer.pad_token_id, progress=False)
-    segs = inspect(model, tiny_tokenizer, enc, _Task(None), [sample_trajectory], 1, 0.0, 12, progress=False)
+    segs = inspect(model, tiny_tokenizer, enc, toy_task(), [sample_trajectory], 1, 0.0, 12, progress=False)
     assert agreement(segs)["rate"] == 1.0
     assert build_packs(enc, [sample_trajectory], segs, 1024) == ([], [])
 
@@ -57,7 +46,7 @@ def test_implicit_reflection_prefers_expert_and_changes_parameters(tiny_tokenize
     torch.manual_seed(0)
     model = make_tiny_model(tiny_tokenizer)
     enc = PromptEncoder(tiny_tokenizer, 1000)
-    segs = inspect(model, tiny_tokenizer, enc, _Task(None), [sample_trajectory], 2, 1.0, 6, progress=False)
+    segs = inspect(model, tiny_tokenizer, enc, toy_task(), [sample_trajectory], 2, 1.0, 6, progress=False)
     packs, _ = build_packs(enc, [sample_trajectory], segs, 1024)
     assert len(packs) == 1
     chosen, rejected = pair_indices(packs[0])
@@ -102,7 +91,7 @@ def test_nll_term_keeps_expert_likelihood_up(tiny_tokenizer, sample_trajectory):
     torch.manual_seed(0)
     model = make_tiny_model(tiny_tokenizer)
     enc = PromptEncoder(tiny_tokenizer, 1000)
-    segs = inspect(model, tiny_tokenizer, enc, _Task(None), [sample_trajectory], 2, 1.0, 6, progress=False)
+    segs = inspect(model, tiny_tokenizer, enc, toy_task(), [sample_trajectory], 2, 1.0, 6, progress=False)
     packs, _ = build_packs(enc, [sample_trajectory], segs, 1024)
     ref = slot_logprobs(model, packs, tiny_tokenizer.pad_token_id, 4)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
