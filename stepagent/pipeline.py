@@ -7,6 +7,7 @@ the arm the config names (``algos/registry.py``); the SFT baseline runs none.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from stepagent.algos.registry import arm_name
 from stepagent.checkpoint import Checkpoint, Checkpointer, latest_checkpoint, resolve_resume
 from stepagent.config import ConfigError, validate_config
 from stepagent.preemption import Preempted, check_preemption, preemption_signals
+from stepagent.rollout.base import make_engine
 from stepagent.data.experts import load_experts, load_or_build_experts
 from stepagent.data.trajectory import Trajectory
 from stepagent.envs import make_task
@@ -105,7 +107,7 @@ def make_encoder(policy: Policy, cfg, task: Task, frame: Optional[PromptFrame] =
 
 
 def run_reflection(cfg, policy, encoder, task, experts, run_dir, logger, run_eval, pool, cache_dir,
-                   checkpoints: Optional[Checkpointer] = None):
+                   checkpoints: Optional[Checkpointer] = None, rollout: Any = None):
     """The training cycles after SFT, of the arm ``cfg`` names (none for the SFT baseline)."""
     if cfg.cycles <= 0 or arm_name(cfg) is None:
         return []
@@ -115,7 +117,7 @@ def run_reflection(cfg, policy, encoder, task, experts, run_dir, logger, run_eva
             heldout = load_or_build_experts(task, cfg.eval.split, cache_dir, task.num_workers)
         heldout = heldout[: cfg.inspection.heldout_trajectories]
     ctx = CycleContext(cfg, policy, encoder, task, experts, heldout, run_dir, logger, run_eval, pool,
-                       checkpoints=checkpoints)
+                       checkpoints=checkpoints, rollout=rollout)
     return run_cycles(ctx)
 
 
@@ -303,14 +305,18 @@ def _run(cfg, run_dir: Path, logger: RunLogger, resumed: Optional[Checkpoint] = 
         # the policy's one DeepSpeed engine, before anything snapshots its parameters (ZeRO-3
         # partitions them here); every training stage reuses it with its own lr
         train_engine(policy.model, lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay)
-    with EnvPool(task.env_factory(), task.num_workers, cfg.task.step_timeout_s) as pool:
+    # the generation engine of every evaluation, inspection and rollout (rollout=hf | vllm)
+    rollout = make_engine(cfg, policy, run_dir)
+    with contextlib.closing(rollout), EnvPool(task.env_factory(), task.num_workers, cfg.task.step_timeout_s) as pool:
 
         def run_eval(tag: str):
+            rollout.pop_stats()
             summary = evaluate(
-                policy.model, policy.tokenizer, encoder, task, instances, pool,
+                rollout, policy.tokenizer, encoder, task, instances, pool,
                 cfg.policy.max_new_tokens, cfg.eval.temperature, out_dir=run_dir if dist.is_main() else None,
                 tag=tag, logger=logger,
             )
+            logger.log(rollout.pop_stats().as_row(f"rollout/{tag}"))
             ckpt.summaries[eval_label(tag)] = summary
             return summary
 
@@ -336,7 +342,7 @@ def _run(cfg, run_dir: Path, logger: RunLogger, resumed: Optional[Checkpoint] = 
             resumed.restore_rng()  # the RNG states the uninterrupted run had at this point
 
         cycles = run_reflection(cfg, policy, encoder, task, experts, run_dir, logger, run_eval, pool, cache_dir,
-                                checkpoints=ckpt)
+                                checkpoints=ckpt, rollout=rollout)
         # the final policy on every split of eval.final_splits (eval.split's evaluation is reused)
         summaries = ckpt.summaries
         final_label = list(summaries)[-1]
@@ -347,7 +353,7 @@ def _run(cfg, run_dir: Path, logger: RunLogger, resumed: Optional[Checkpoint] = 
                 continue
             check_preemption(f"before the final evaluation on {split}")
             finals[split] = evaluate(
-                policy.model, policy.tokenizer, encoder, task, eval_instances(task, split, cfg), pool,
+                rollout, policy.tokenizer, encoder, task, eval_instances(task, split, cfg), pool,
                 cfg.policy.max_new_tokens, cfg.eval.temperature, out_dir=run_dir if dist.is_main() else None,
                 tag=f"eval_final_{split}", logger=logger,
             )

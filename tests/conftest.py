@@ -91,3 +91,17 @@ def sample_trajectory():
                Step("focus on dove", "You focus on the dove egg.")],
         reward=1.0,
     )
+
+
+def require_extra(module: str, extra: str):
+    """Import ``module`` of the optional extra ``extra``. Under ``make test``
+    (STEPAGENT_REQUIRE_EXTRAS=1, the extras installed by the Makefile) a missing extra is an error,
+    never a silent skip; elsewhere the tests that need it are skipped with the install hint."""
+    import importlib
+
+    if os.environ.get("STEPAGENT_REQUIRE_EXTRAS") == "1":
+        try:
+            return importlib.import_module(module)
+        except ImportError as e:
+            raise ImportError(f"{module} (extra '{extra}') is required under make test: {e}") from e
+    return pytest.importorskip(module, reason=f"the {extra} extra is not installed (pip install -e '.[{extra}]')")

@@ -10,9 +10,11 @@ from collections import Counter
 import psutil
 import pytest
 
-# ALFWorld is an optional extra for now (issue 12 in progress): pip install -e '.[alfworld]'
-pytest.importorskip("alfworld", reason="the alfworld extra is not installed (pip install -e '.[alfworld]')")
-pytest.importorskip("textworld", reason="the alfworld extra is not installed")
+from conftest import require_extra
+
+# ALFWorld is the optional extra .[alfworld], installed by `make venv`: make test fails without it.
+require_extra("alfworld", "alfworld")
+require_extra("textworld", "alfworld")
 
 from stepagent.config import AlfWorldTaskConfig, validate_task_config
 from stepagent.data.experts import build_expert_trajectories, read_expert_cache
@@ -221,20 +223,61 @@ def test_experts_file_records_link_to_alfworld_instances(small, tmp_path):
     assert {i.id for i in small.instances("train")} <= {t.id for t in trajs}
 
 
-@pytest.mark.slow
-def test_sft_and_eval_end_to_end_on_alfworld(tmp_path):
-    """run.py task=alfworld: experts built in the pool, SFT, evaluation on real games (~2-3 min)."""
+def test_sft_eval_and_an_implicit_cycle_end_to_end_on_alfworld(tmp_path):
+    """run.py task=alfworld reward=implicit cycles=1 on real games: experts built and replayed in the
+    pool, SFT, evaluation, one StepAgent cycle (inspection at every expert prefix, step DPO) and its
+    evaluation (~20 s: a 2-layer policy, 6 train games, 2 evaluation games of 6 steps)."""
     import subprocess
     import sys
     from pathlib import Path
 
+    import torch
+    from safetensors.torch import load_file
+
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(repo / "run.py"), "task=alfworld", "cycles=0", "task.train_per_type=1",
-           "task.eval_per_type=1", "eval.max_episodes=2", "eval.final_splits=[]", "eval.before_sft=false",
-           "logger=none", f"hydra.run.dir={tmp_path}/run", f"cache_dir={tmp_path}/cache"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=repo)
+    cmd = [sys.executable, str(repo / "run.py"), "task=alfworld", "reward=implicit", "cycles=1",
+           "task.train_per_type=1", "task.eval_per_type=1", "task.max_steps=6", "eval.max_episodes=2",
+           "eval.final_splits=[]", "eval.before_sft=false", "inspection.trajectories=3",
+           "inspection.heldout_trajectories=0", "policy.hidden_size=64", "policy.intermediate_size=128",
+           "policy.num_layers=2", "policy.vocab_size=1024", "policy.max_new_tokens=12", "sft.epochs=2",
+           "sft.batch_size=4", "logger=none", f"hydra.run.dir={tmp_path}/run", f"cache_dir={tmp_path}/cache"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=repo)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "alfworld/train: 6 instances, 0 from cache, 6 built now; kept 6" in r.stdout + r.stderr
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    sft = results["summaries"]["sft"]["overall"]
-    assert sft["episodes"] == 2 and sft["crashed"] == 0 and 0.0 <= sft["reward_x100"] <= 100.0
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    for name in ("sft", "cycle 1"):
+        s = results["summaries"][name]["overall"]
+        assert s["episodes"] == 2 and s["crashed"] == 0 and 0.0 <= s["reward_x100"] <= 100.0
+    cycle = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    cycle = next(m for m in cycle if m.get("cycle") == 1 and "dpo/steps" in m)
+    # 3 inspected trajectories: one contrast segment per expert step, K = 2 samples each
+    assert cycle["contrast/segments"] >= 3 and cycle["dpo/pairs"] >= 1 and cycle["dpo/steps"] >= 1
+    before = load_file(str(run / "checkpoints" / "sft" / "model.safetensors"))
+    after = load_file(str(run / "checkpoints" / "cycle_1" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the implicit cycle changed no weight"
+
+
+def test_eto_sft_records_link_through_their_game_file(small, tmp_path):
+    """ETO's alfworld_sft.json numbers its records and names the game in ``game_file``; its actions are
+    ReAct turns. Such a record links to the train instance of that game."""
+    import gzip
+
+    from stepagent.data.experts_file import load_experts_file
+
+    inst = small.instances("train")[0]
+    rec = next(json.loads(ln) for ln in gzip.decompress(
+        (DEFAULT_DATA_DIR / "train_expert_3554.jsonl.gz").read_bytes()).decode().splitlines()
+        if json.loads(ln)["id"] == f"train/{inst.index}")
+    turns = [dict(t, value=f"Think: next.\nAction: {t['value']}") if t["from"] == "gpt" else t
+             for t in rec["conversations"]]
+    eto = [{"id": 0, "game_file": f"/data/alfworld/json_2.1.1/train/{inst.index}/game.tw-pddl",
+            "conversations": turns},
+           {"id": 1, "game_file": "json_2.1.1/train/no_such_folder/trial_0/game.tw-pddl", "conversations": turns}]
+    path = tmp_path / "alfworld_sft.json"
+    path.write_text(json.dumps(eto))
+    cfg = AlfWorldTaskConfig(train_per_type=1, eval_per_type=1, experts_file=str(path))
+    trajs, report = load_experts_file(cfg, make_task(cfg), tmp_path / "cache", progress=False)
+    assert (report.linked_in_run, report.no_instance) == (1, 1)
+    linked = next(t for t in trajs if t.id == inst.id)
+    assert linked.meta["source_id"] == "0" and linked.steps[0].action.startswith("Think: next.\nAction: ")

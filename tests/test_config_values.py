@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, OmegaConf
 
-from stepagent.config import (ALGO_SCHEMAS, POLICY_SCHEMAS, REWARD_SCHEMAS, TASK_SCHEMAS, Advantage, AttnImplementation,
+from stepagent.config import (ALGO_SCHEMAS, POLICY_SCHEMAS, REWARD_SCHEMAS, ROLLOUT_SCHEMAS, TASK_SCHEMAS, Advantage, AttnImplementation,
                               CheckpointConfig, Choice, ConfigError, Config, DeepSpeedConfig, DType, EvalConfig,
                               FieldError, HFPolicyConfig, InspectionConfig, LoggerConfig, PPOConfig, RewardForm,
                               ScienceWorldTaskConfig, SFTConfig, is_plausible_hub_id, validate_config)
@@ -57,6 +57,10 @@ BAD = [
     (["arm=loop", "ppo.reference=foo"], "ppo.reference", None),
     (["algo=eto", "algo.reference=foo"], "algo.reference", "iteration_start | sft"),
     (["ppo.kl_estimator=k9"], "ppo.kl_estimator", "k1 | k2 | k3"),
+    (["rollout=vllm", "rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization", "(0, 1)"),
+    (["rollout=vllm", "rollout.max_num_seqs=0"], "rollout.max_num_seqs", ">= 1"),
+    (["rollout=vllm", "deepspeed=zero3"], "rollout=vllm", "ZeRO-3"),
+    (["rollout=vllm", "policy=hf", "policy.name_or_path={tmp}", "policy.lora.r=1024"], "rollout=vllm", "rank 512"),
     (["ppo.advantage=td"], "ppo.advantage", "loo | gae"),
     (["policy.dtype=float99"], "policy.dtype", "float32 | bfloat16 | float16"),
     ([HF, "policy.name_or_path={tmp}", "policy.dtype=fp8"], "policy.dtype", None),
@@ -342,6 +346,7 @@ SCHEMA_OF = {
     "ppo": lambda n: PPOConfig,
     "logger": lambda n: LoggerConfig,
     "deepspeed": lambda n: DeepSpeedConfig,
+    "rollout": lambda n: ROLLOUT_SCHEMAS[n["name"]],
 }
 
 

@@ -18,11 +18,11 @@ from typing import Dict, List, Sequence
 
 from tqdm.auto import tqdm
 
-from stepagent.agent.generation import generate_actions
 from stepagent.agent.prompts import PromptEncoder
 from stepagent.preemption import check_preemption
 from stepagent.data.trajectory import Trajectory
 from stepagent.envs.base import Task
+from stepagent.rollout.base import as_engine
 
 
 def normalize_action(text: str) -> str:
@@ -73,13 +73,14 @@ def inspect(
     match: str = "action",
 ) -> Dict[str, List[Segment]]:
     """Agent actions at every expert prefix; returns {trajectory id: segments in step order}.
+    ``model``: the policy, or the run's rollout engine (``stepagent.rollout``) generating for it.
     ``match``: when an agent action counts as the expert's (``comparison_key``).
 
     Data parallel: each rank generates for every W-th prompt (by length) with the full
     parameters gathered once (ZeRO-3), and every rank returns all segments."""
     from stepagent import distributed as dist
-    from stepagent.train.engine import gathered
 
+    engine = as_engine(model, tokenizer)
     segs = segments_of(trajs)
     out: Dict[str, List[Segment]] = defaultdict(list)
     # Longest prompts first: batches of similar length waste less padding.
@@ -91,8 +92,8 @@ def inspect(
     order = order[dist.rank() :: dist.world_size()]  # this rank's prompts
     bar = tqdm(total=len(order), desc=desc, disable=not progress, dynamic_ncols=True)
     results: Dict[int, Segment] = {}
-    with gathered(model):
-        _inspect_batches(model, tokenizer, encoder, task, segs, prompts, order, num_samples, temperature,
+    with engine.phase():  # ZeRO-3 parameters gathered once (hf); the engine's weights brought up to date (vllm)
+        _inspect_batches(engine, tokenizer, encoder, task, segs, prompts, order, num_samples, temperature,
                          max_new_tokens, batch_size, desc, bar, results, match)
     bar.close()
     for part in dist.all_gather_objects(results):
@@ -102,16 +103,14 @@ def inspect(
     return dict(out)
 
 
-def _inspect_batches(model, tokenizer, encoder, task, segs, prompts, order, num_samples, temperature,
+def _inspect_batches(engine, tokenizer, encoder, task, segs, prompts, order, num_samples, temperature,
                      max_new_tokens, batch_size, desc, bar, results: Dict[int, Segment], match: str) -> None:
     """Generate for the prompts ``order`` lists, ``batch_size`` at a time, into ``results``."""
     for i in range(0, len(order), batch_size):
         check_preemption(f"in {desc}")
         idx = order[i : i + batch_size]
-        gens = generate_actions(
-            model, tokenizer, [prompts[j] for j in idx], max_new_tokens, encoder.eos_token_id,
-            temperature=temperature, num_samples=num_samples,
-        )
+        gens = engine.generate([prompts[j] for j in idx], max_new_tokens, encoder.eos_token_id,
+                               temperature=temperature, num_samples=num_samples)
         for j, samples in zip(idx, gens):
             tr, t = segs[j]
             expert = tr.steps[t].action
@@ -151,7 +150,7 @@ def inspect_cycle(ctx, subset: Sequence[Trajectory], cycle: int, cdir: Path):
     from stepagent import distributed as dist
 
     cfg = ctx.cfg
-    segments = inspect(ctx.policy.model, ctx.policy.tokenizer, ctx.encoder, ctx.task, subset,
+    segments = inspect(ctx.generator, ctx.policy.tokenizer, ctx.encoder, ctx.task, subset,
                        cfg.inspection.samples_per_state, cfg.inspection.temperature, cfg.policy.max_new_tokens,
                        cfg.inspection.batch_size, desc=f"cycle {cycle} inspection", match=cfg.inspection.match)
     if dist.is_main():

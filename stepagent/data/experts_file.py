@@ -26,7 +26,8 @@ Recognised ids (any split; only train instances are linked):
   (``task-3-find-animal_0``) and ``<task type>_<variation>`` (``find-animal_0``);
 * HotpotQA: the question id.
 * ALFWorld: ``<task folder>/<trial>`` and ``<release split>/<task folder>/<trial>`` (the shipped
-  ``train_expert_3554`` ids, ``train/...``).
+  ``train_expert_3554`` ids, ``train/...``), also read from a record's ``game_file`` (ETO's
+  ``alfworld_sft.json`` numbers its records and names the game there).
 
 Other records (AgentGym's ``sciworld_12``, chat exports without ids, records naming dev/test
 instances, a second record for an instance already linked) keep an id of their own and
@@ -195,6 +196,20 @@ _ALIASES = {
 _ALFWORLD_SPLIT_DIRS = {"train": "train", "dev": "valid_seen", "test": "valid_unseen"}
 
 
+def _game_file_ids(t: Trajectory) -> List[str]:
+    """ETO's ALFWorld records name their game in ``game_file`` (``.../json_2.1.1/train/<task folder>/
+    <trial>/game.tw-pddl``) and carry a bare number as id: the ``<release split>/<folder>/<trial>`` part."""
+    game = t.meta.get("game_file")
+    if not isinstance(game, str):
+        return []
+    parts = [p for p in game.replace("\\", "/").split("/") if p and p != "."]
+    if parts and parts[-1].startswith("game."):
+        parts = parts[:-1]
+    if len(parts) < 2:
+        return []
+    return ["/".join(parts[-3:]), "/".join(parts[-2:])]
+
+
 def instance_index(task: Task) -> Dict[str, TaskInstance]:
     """Every id a record may use for an instance of ``task`` (all splits, filters off) -> the instance.
     An instance in several splits (ETO's ScienceWorld train list holds 54 dev/test variations) is
@@ -233,7 +248,7 @@ def link_experts(trajs: List[Trajectory], task: Task, report: ExpertsFileReport)
     out: List[Trajectory] = []
     for t in trajs:
         source_id = str(t.meta.get("source_id", t.id))
-        inst = next((index[k] for k in (t.id.strip(), source_id.strip()) if k in index), None)
+        inst = next((index[k] for k in (t.id.strip(), source_id.strip(), *_game_file_ids(t)) if k in index), None)
         task_type = inst.task_type if inst is not None else t.task_type
         if selected is not None and task_type in known_types and task_type not in selected:
             dropped[TYPE_NOT_SELECTED] += 1

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from stepagent.agent.generation import generate_actions
+from stepagent.rollout.base import as_engine
 from stepagent.agent.prompts import PromptEncoder
 from stepagent.eval.protocol import caption, score_rule, split_label, split_name
 from stepagent.preemption import check_preemption
@@ -168,17 +168,17 @@ def run_episodes(
     every rank returns all episodes.
     """
     from stepagent import distributed as dist
-    from stepagent.train.engine import gathered
 
+    engine = as_engine(model, tokenizer)
     mine = dist.shard_indices(len(instances))
-    with gathered(model):
-        local = _play_episodes(model, tokenizer, encoder, task, [instances[i] for i in mine], pool,
+    with engine.phase():  # ZeRO-3 parameters gathered once (hf); the engine's weights brought up to date (vllm)
+        local = _play_episodes(engine, tokenizer, encoder, task, [instances[i] for i in mine], pool,
                                max_new_tokens, temperature, progress, desc)
     return dist.gather_sharded(local, len(instances))
 
 
 def _play_episodes(
-    model,
+    engine,
     tokenizer,
     encoder: PromptEncoder,
     task: Task,
@@ -225,9 +225,7 @@ def _play_episodes(
             encoder.encode_state(live[s].instruction, live[s].actions, live[s].observations).input_ids
             for s in slots
         ]
-        gens = generate_actions(
-            model, tokenizer, prompts, max_new_tokens, encoder.eos_token_id, temperature
-        )
+        gens = engine.generate(prompts, max_new_tokens, encoder.eos_token_id, temperature)
         texts = [tokenizer.decode(g[0], skip_special_tokens=True).strip() for g in gens]
         # 3. Step every live environment with an action in parallel; an output without one
         #    (ReAct without "Action: ") is a step answered with INVALID_FORMAT, as in ETO.
