@@ -316,7 +316,7 @@ def _run(cfg, run_dir: Path, logger: RunLogger, resumed: Optional[Checkpoint] = 
                 cfg.policy.max_new_tokens, cfg.eval.temperature, out_dir=run_dir if dist.is_main() else None,
                 tag=tag, logger=logger,
             )
-            logger.log(rollout.pop_stats().as_row(f"rollout/{tag}"))
+            logger.log(rollout.pop_stats().as_row(f"{tag}/generation"))
             ckpt.summaries[eval_label(tag)] = summary
             return summary
 

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional
 log = logging.getLogger(__name__)
 
 # Metric sections logged once per cycle: W&B plots them against ``cycle``, not its own step.
-CYCLE_SECTIONS = ("eval", "agreement", "step_reward", "disc", "dpo", "ppo", "rollout", "eto", "contrast")
+CYCLE_SECTIONS = ("eval", "agreement", "step_reward", "disc", "dpo", "ppo", "rollout", "eto", "contrast", "generation")
 BY_STEP = "_by_step"
 
 

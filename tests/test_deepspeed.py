@@ -225,7 +225,9 @@ def test_resumed_two_rank_run_matches_the_uninterrupted_one(tmp_path, shared_cac
     _torchrun([*base, "cycles=2", f"resume={tmp_path}/first", f"hydra.run.dir={tmp_path}/resumed"], tmp_path,
               timeout=600)
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("straight", "resumed"))
-    assert a["cycles"] == b["cycles"] and a["summaries"] == b["summaries"]
+    clock = ("/seconds", "/sync_seconds", "/tokens_per_s")  # wall-clock generation counters differ run to run
+    same = [[{k: v for k, v in c.items() if not k.endswith(clock)} for c in r["cycles"]] for r in (a, b)]
+    assert same[0] == same[1] and a["summaries"] == b["summaries"]
     wa, wb = (load_file(tmp_path / d / "checkpoints/cycle_2/model.safetensors") for d in ("straight", "resumed"))
     assert all((wa[k] == wb[k]).all() for k in wa)
 

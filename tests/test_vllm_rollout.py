@@ -154,15 +154,15 @@ def test_run_py_with_vllm_sft_an_implicit_cycle_and_evaluation(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     cycle = next(m for m in rows if m.get("cycle") == 1 and "dpo/steps" in m)
-    assert cycle["contrast/segments"] > 0 and cycle["rollout/train/sequences"] == 2 * cycle["contrast/segments"]
+    assert cycle["contrast/segments"] > 0 and cycle["generation/train/sequences"] == 2 * cycle["contrast/segments"]
     # SFT's weights were pushed for the evaluation after SFT; inspection follows with no update between
-    assert cycle["rollout/train/weight_syncs"] == 0
+    assert cycle["generation/train/weight_syncs"] == 0
     # the step-DPO update, pushed before the next generation (the held-out agreement), checked against the trainer
-    assert cycle["rollout/heldout/weight_syncs"] == 1
-    assert cycle["rollout/heldout/logprob_abs_diff"] is not None and cycle["rollout/heldout/logprob_abs_diff"] < 1e-3
-    evals = {k: v for m in rows for k, v in m.items() if k.startswith("rollout/eval_")}
-    assert evals["rollout/eval_sft/weight_syncs"] == 1 and evals["rollout/eval_sft/logprob_abs_diff"] < 1e-3
-    assert evals["rollout/eval_sft/prefilled_tokens"] < evals["rollout/eval_sft/prompt_tokens"]
+    assert cycle["generation/heldout/weight_syncs"] == 1
+    assert cycle["generation/heldout/logprob_abs_diff"] is not None and cycle["generation/heldout/logprob_abs_diff"] < 1e-3
+    evals = {k: v for m in rows for k, v in m.items() if k.startswith("eval_sft/generation/")}
+    assert evals["eval_sft/generation/weight_syncs"] == 1 and evals["eval_sft/generation/logprob_abs_diff"] < 1e-3
+    assert evals["eval_sft/generation/prefilled_tokens"] < evals["eval_sft/generation/prompt_tokens"]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["summaries"]["cycle 1"]["overall"]["episodes"] == 2
 
@@ -181,3 +181,38 @@ def test_priming_waves_cover_shared_prefixes_once():
     assert waves[1] == [tuple(shared + list(range(200, 220)))]  # the one below it
     assert sorted(waves[-1]) == sorted([tuple(a_long), tuple(b), tuple(c), tuple(d)])  # the leaves; a is covered
     assert priming_waves([a]) == [] and priming_waves([a, a]) == []
+
+
+def test_lora_policy_served_as_adapters_follows_updates(tmp_path, tiny_tokenizer):
+    """A LoRA policy (PEFT on a saved base): vLLM serves the base with the adapter as a LoRARequest; after
+    the adapter trains, the next phase serves the new adapter under a new id and greedy equals HF+PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    tok = tiny_tokenizer
+    base_dir = tmp_path / "base"
+    make_tiny_model(tok, layers=2, hidden=256).save_pretrained(str(base_dir))
+    from transformers import LlamaForCausalLM
+
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(str(base_dir)),
+                           LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    enc = PromptEncoder(tok, max_prompt_tokens=480, max_observation_chars=400)
+    trajs = _trajectories()
+    prompts = [enc.encode_state(t.instruction, t.actions[:k], [s.observation for s in t.steps[:k]]).input_ids
+               for t in trajs for k in range(len(t.steps))]
+    cfg = OmegaConf.create({"rollout": OmegaConf.structured(VLLMRolloutConfig(name="vllm", in_process=True,
+                                                                              cpu_kv_cache_gb=1.0)),
+                            "policy": {"kind": "hf", "name_or_path": str(base_dir), "lora": {"r": 4}}, "seed": 0})
+    engine = VLLMEngine(cfg, Policy(model, tok, "test"), tmp_path)
+    try:
+        first = _greedy(engine, prompts, enc.eos_token_id)
+        assert engine.stats.weight_syncs == 1 and engine._lora_request.lora_int_id == 1
+        assert first == _greedy(HFEngine(model, tok), prompts, enc.eos_token_id)
+        sft = OmegaConf.create({"epochs": 40, "lr": 1e-2, "batch_size": 4, "warmup_steps": 0, "weight_decay": 0.0,
+                                "max_grad_norm": 1.0})
+        train_sft(model, sft_samples(trajs, enc, 512), sft, tok.pad_token_id, progress=False)
+        after = _greedy(engine, prompts, enc.eos_token_id)
+        assert engine.stats.weight_syncs == 2 and engine._lora_request.lora_int_id == 2
+        assert after == _greedy(HFEngine(model, tok), prompts, enc.eos_token_id)
+        assert after != first
+    finally:
+        engine.close()

@@ -105,10 +105,10 @@ def run_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
         if ctx.rollout is not None:
             ctx.rollout.pop_stats()  # counted from here: this cycle's training generation
         stats = arm.step(cycle, subset, cdir)
-        gen = ctx.rollout.pop_stats().as_row("rollout/train") if ctx.rollout is not None else {}
+        gen = ctx.rollout.pop_stats().as_row("generation/train") if ctx.rollout is not None else {}
         held = heldout_agreement(ctx)
         if ctx.rollout is not None:
-            gen.update(ctx.rollout.pop_stats().as_row("rollout/heldout"))
+            gen.update(ctx.rollout.pop_stats().as_row("generation/heldout"))
         summary = ctx.evaluate(f"eval_cycle_{cycle}")
         row = {
             "cycle": cycle,

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-# ETO's (and the paper's) names of ScienceWorld's dev and test lists.
-SPLIT_NAMES = {("scienceworld", "dev"): "seen", ("scienceworld", "test"): "unseen"}
+# ETO's (and the paper's) names of the dev and test lists: ScienceWorld's, and ALFWorld's valid_seen /
+# valid_unseen (ETO's 134 unseen games).
+SPLIT_NAMES = {("scienceworld", "dev"): "seen", ("scienceworld", "test"): "unseen",
+               ("alfworld", "dev"): "seen", ("alfworld", "test"): "unseen"}
 
 # How an episode's reward is read off the environment, per (task, task.score).
 SCORE_RULES = {
     ("scienceworld", "max"): "score: max — ETO's rule, the highest score reached during the episode (÷100)",
     ("scienceworld", "final"): "score: final — the score when the episode ends, negative counted as 0 (÷100)",
     ("hotpotqa", None): "score: exact match of the answer (1 or 0)",
+    ("alfworld", None): "score: 1 when the game is won within the step cap (40, ETO's), else 0",
 }
 
 METRIC = ("reward x100: the mean episode reward ×100 (ETO's metric); success %: the episodes that solved "
@@ -23,7 +26,7 @@ METRIC = ("reward x100: the mean episode reward ×100 (ETO's metric); success %:
 
 
 def split_name(task: str, split: str) -> str:
-    """"seen" / "unseen" for ScienceWorld's dev / test, else the split itself."""
+    """"seen" / "unseen" for ScienceWorld's and ALFWorld's dev / test, else the split itself."""
     return SPLIT_NAMES.get((task, str(split)), str(split))
 
 
