@@ -13,8 +13,10 @@ The policy is the embedded tiny Llama after ``--sft-epochs`` of SFT on the same 
 saved checkpoint, ``--checkpoint``). Per engine and phase the table gives: prompt tokens handed
 to the engine, prompt tokens it prefilled (HF: the left-padded batch once per returned
 sequence; vLLM: prefix-cache queries minus hits, from its own counters), the unique-token
-bound (the token trie of all prompts: what a perfect prefix cache computes), generated tokens
-per second and the wall time of the phase (the vLLM engine's start is reported apart).
+bound (the token trie of all prompts: what a perfect token-level prefix cache computes), the
+block bound (what a cache of whole ``block``-token blocks must compute: each distinct full block
+once, plus every sequence's last partial block; vLLM's block is 32 tokens on CPU), generated
+tokens per second and the wall time of the phase (the vLLM engine's start is reported apart).
 
     .venv/bin/python benchmarks/generation.py                 # ~5 min on 2 cores
     .venv/bin/python benchmarks/generation.py --trajectories 16 --episodes 4
@@ -53,6 +55,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="a saved policy (checkpoints/sft of a run) instead of SFT here")
     ap.add_argument("--engines", default="hf,vllm")
     ap.add_argument("--in-process", action="store_true", help="vLLM's engine in this process")
+    ap.add_argument("--vllm", action="append", default=[], metavar="KEY=VALUE",
+                    help="a rollout=vllm override, e.g. --vllm rollout.max_num_seqs=512 (repeatable)")
     ap.add_argument("--cache-dir", default=str(ROOT / ".cache"))
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the embedded default, e.g. task.eval_per_type=4")
@@ -67,7 +71,7 @@ def main() -> None:
     from stepagent.envs.pool import EnvPool
     from stepagent.eval.evaluate import run_episodes
     from stepagent.pipeline import make_encoder, seed_everything, tokenizer_corpus
-    from stepagent.rollout import make_engine, unique_prefix_tokens
+    from stepagent.rollout import block_prefix_bound, make_engine, unique_prefix_tokens
     from stepagent.train.sft import sft_samples, train_sft
 
     torch.set_num_threads(2)
@@ -99,7 +103,9 @@ def main() -> None:
     rows, actions = [], {}
     with EnvPool(task.env_factory(), task.num_workers, cfg.task.step_timeout_s) as pool:
         for name in engines:
-            overrides = base + [f"rollout={name}"] + (["rollout.in_process=true"] if args.in_process and name == "vllm" else [])
+            overrides = base + [f"rollout={name}"]
+            if name == "vllm":
+                overrides += (["rollout.in_process=true"] if args.in_process else []) + list(args.vllm)
             ecfg = compose(overrides)
             t0 = time.perf_counter()
             engine = make_engine(ecfg, policy, Path("/tmp"))
@@ -122,10 +128,14 @@ def main() -> None:
                     wall = time.perf_counter() - t0
                     st = engine.pop_stats()
                     unique = unique_prefix_tokens(engine.recorded_prompts)
+                    block = engine.llm.llm_engine.vllm_config.cache_config.block_size if name == "vllm" else 32
+                    samples = args.samples if phase == "inspection" else 1
+                    reachable = block_prefix_bound(engine.recorded_prompts, block, samples)
                     rows.append({
                         "phase": phase, "engine": name, "start_s": round(start_s, 1), "sequences": n_seq,
                         "prompt_tokens": st.prompt_tokens, "prefilled_tokens": st.prefilled_tokens,
                         "unique_prompt_tokens": unique, "prefill_over_unique": st.prefilled_tokens / max(unique, 1),
+                        "block": block, "block_bound": reachable,
                         "generated_tokens": st.generated_tokens,
                         "gen_tokens_per_s": st.generated_tokens / st.seconds if st.seconds else 0.0,
                         "generate_s": st.seconds, "wall_s": wall, "weight_syncs": st.weight_syncs,
@@ -138,11 +148,12 @@ def main() -> None:
 
     print()
     print("| phase | engine | sequences | prompt tokens | prefilled | unique bound | prefilled / unique | "
-          "generated | gen tok/s | generate s | wall s | engine start s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "block bound | prefilled / block bound | generated | gen tok/s | generate s | wall s | engine start s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['phase']} | {r['engine']} | {r['sequences']} | {r['prompt_tokens']:,} | {r['prefilled_tokens']:,} | "
-              f"{r['unique_prompt_tokens']:,} | {r['prefill_over_unique']:.2f}x | {r['generated_tokens']:,} | "
+              f"{r['unique_prompt_tokens']:,} | {r['prefill_over_unique']:.2f}x | {r['block_bound']:,} | "
+              f"{r['prefilled_tokens'] / max(r['block_bound'], 1):.2f}x | {r['generated_tokens']:,} | "
               f"{r['gen_tokens_per_s']:.0f} | {r['generate_s']:.1f} | {r['wall_s']:.1f} | "
               f"{r['start_s'] if r['engine'] == 'vllm' else 0:.1f} |")
     by = {(r["phase"], r["engine"]): r for r in rows}

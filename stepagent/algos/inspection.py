@@ -105,7 +105,9 @@ def inspect(
 
 def _inspect_batches(engine, tokenizer, encoder, task, segs, prompts, order, num_samples, temperature,
                      max_new_tokens, batch_size, desc, bar, results: Dict[int, Segment], match: str) -> None:
-    """Generate for the prompts ``order`` lists, ``batch_size`` at a time, into ``results``."""
+    """Generate for the prompts ``order`` lists, ``batch_size`` at a time (or as many as the engine
+    decodes at once), into ``results``."""
+    batch_size = engine.batch_prompts(batch_size, num_samples)
     for i in range(0, len(order), batch_size):
         check_preemption(f"in {desc}")
         idx = order[i : i + batch_size]

@@ -88,6 +88,11 @@ class RolloutEngine:
     def _generate(self, prompts, max_new_tokens, eos_token_id, temperature, num_samples):
         raise NotImplementedError
 
+    def batch_prompts(self, batch_size: int, num_samples: int) -> int:
+        """Prompts per ``generate`` call for a caller that asks for ``batch_size`` (HF: as asked,
+        its memory grows with the padded batch; vLLM: as many as it decodes at once)."""
+        return batch_size
+
     def pop_stats(self) -> GenerationStats:
         stats, self.stats = self.stats, GenerationStats()
         return stats

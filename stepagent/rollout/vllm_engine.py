@@ -152,6 +152,10 @@ class VLLMEngine(RolloutEngine):
         block = self.rc.block_size if self.rc.block_size is not None else (None if torch.cuda.is_available() else 32)
         if block is not None:
             kwargs["block_size"] = int(block)
+        if not torch.cuda.is_available():
+            # vLLM 0.32 on CPU: a seeded request whose prefill is split across steps crashes the engine
+            # ("CPU Generator does not use offset"): no chunked prefill, a step budget of whole prompts
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(8192, self.max_model_len))
         if self.lora:
             kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_for_vllm(int(cfg.policy.lora.r)))
         env = {
@@ -229,6 +233,9 @@ class VLLMEngine(RolloutEngine):
         yield
 
     # ------------------------------------------------------------------ generation
+    def batch_prompts(self, batch_size: int, num_samples: int) -> int:
+        return max(int(batch_size), int(self.rc.max_num_seqs) // max(int(num_samples), 1))
+
     def _cache_counters(self) -> Optional[Tuple[float, float]]:
         """vLLM's prefix-cache counters (queried tokens, hit tokens), when it reports them."""
         try:
