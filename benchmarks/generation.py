@@ -8,6 +8,7 @@ in the generation path):
               temperature 1 (``algos.inspection.inspect``);
   evaluation  ``--episodes`` dev episodes played greedily in the real simulator
               (``eval.evaluate.run_episodes``; every live episode in one batch per turn).
+vLLM runs as ``rollout=vllm`` does by default (on CPU: in this process).
 
 The policy is the embedded tiny Llama after ``--sft-epochs`` of SFT on the same experts (or a
 saved checkpoint, ``--checkpoint``). Per engine and phase the table gives: prompt tokens handed
@@ -54,7 +55,8 @@ def main() -> None:
     ap.add_argument("--sft-epochs", type=int, default=3)
     ap.add_argument("--checkpoint", default=None, help="a saved policy (checkpoints/sft of a run) instead of SFT here")
     ap.add_argument("--engines", default="hf,vllm")
-    ap.add_argument("--in-process", action="store_true", help="vLLM's engine in this process")
+    ap.add_argument("--in-process", choices=["auto", "true", "false"], default="auto",
+                    help="vLLM's engine in this process (auto: rollout.in_process=null, in process on CPU)")
     ap.add_argument("--vllm", action="append", default=[], metavar="KEY=VALUE",
                     help="a rollout=vllm override, e.g. --vllm rollout.max_num_seqs=512 (repeatable)")
     ap.add_argument("--cache-dir", default=str(ROOT / ".cache"))
@@ -105,7 +107,7 @@ def main() -> None:
         for name in engines:
             overrides = base + [f"rollout={name}"]
             if name == "vllm":
-                overrides += (["rollout.in_process=true"] if args.in_process else []) + list(args.vllm)
+                overrides += ([] if args.in_process == "auto" else [f"rollout.in_process={args.in_process}"]) + list(args.vllm)
             ecfg = compose(overrides)
             t0 = time.perf_counter()
             engine = make_engine(ecfg, policy, Path("/tmp"))

@@ -146,7 +146,7 @@ def test_run_py_with_vllm_sft_an_implicit_cycle_and_evaluation(tmp_path):
     the engine got the weights after SFT and after the cycle, and its log-probs agree with the trainer's."""
     small = [o for o in SMALL_RUN if not o.startswith(("policy.hidden_size", "policy.intermediate_size"))]
     cmd = [sys.executable, str(REPO / "run.py"), *small, "policy.hidden_size=128", "policy.intermediate_size=256",
-           "policy.num_heads=2", "reward=implicit", "cycles=1", "rollout=vllm", "rollout.in_process=true",
+           "policy.num_heads=2", "reward=implicit", "cycles=1", "rollout=vllm",
            "rollout.cpu_kv_cache_gb=1", "inspection.trajectories=4", "inspection.heldout_trajectories=2",
            "eval.final_splits=[]", "eval.before_sft=false", "logger=none", f"hydra.run.dir={tmp_path}/run",
            f"cache_dir={tmp_path}/cache"]

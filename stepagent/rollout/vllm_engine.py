@@ -17,10 +17,10 @@
   first in short waves of one generated token (``base.priming_waves``).
 * Randomness: each request's sampling seed is drawn from torch's RNG, so a run (and a resumed
   run) samples the same tokens again.
-* Processes: ``rollout.in_process=false`` runs vLLM's engine in its own process (spawned: the
-  entry point needs ``if __name__ == "__main__"``, which run.py has). ``true`` runs it in this
-  process; vLLM then reseeds the global RNGs and replaces ``torch.set_num_threads``, both undone
-  here after the start.
+* Processes: ``rollout.in_process=false`` (the default on GPUs) runs vLLM's engine in its own
+  process (spawned: the entry point needs ``if __name__ == "__main__"``, which run.py has).
+  ``true`` (the default on CPU) runs it in this process; vLLM then reseeds the global RNGs and
+  replaces ``torch.set_num_threads``, both undone here after the start.
 * Data parallel: each rank starts its own engine. On GPUs each rank's engine process is given
   the rank's device through ``CUDA_VISIBLE_DEVICES`` at start and ``gpu_memory_utilization`` of
   it; this path has not run on GPUs here (no GPU on the development machine). ZeRO-3 is refused
@@ -108,6 +108,8 @@ class VLLMEngine(RolloutEngine):
     def __init__(self, cfg: Any, policy: Any, workdir: Any):
         super().__init__()
         self.rc = cfg.rollout
+        # null: in this process on CPU (a second process competes for the same few cores), apart on GPU
+        self.in_process = bool(self.rc.in_process) if self.rc.in_process is not None else not torch.cuda.is_available()
         self.model, self.tokenizer = policy.model, policy.tokenizer
         self.lora = bool(policy.uses_lora)
         base = _unwrap(self.model)
@@ -133,7 +135,7 @@ class VLLMEngine(RolloutEngine):
             self._to_check = int(self.rc.logprob_check_samples)
         self.llm = self._start(serve, cfg)
         log.info("vLLM engine started in %.1f s (%s, prefix caching %s)", time.perf_counter() - t0,
-                 "in process" if self.rc.in_process else "engine process", self.rc.enable_prefix_caching)
+                 "in process" if self.in_process else "engine process", self.rc.enable_prefix_caching)
 
     # ------------------------------------------------------------------ start
     def _start(self, serve: str, cfg: Any):
@@ -160,9 +162,9 @@ class VLLMEngine(RolloutEngine):
             kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_for_vllm(int(cfg.policy.lora.r)))
         env = {
             "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(float(self.rc.cpu_kv_cache_gb))))),
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if self.rc.in_process else "1",
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if self.in_process else "1",
         }
-        if torch.cuda.is_available() and dist.world_size() > 1 and not self.rc.in_process:
+        if torch.cuda.is_available() and dist.world_size() > 1 and not self.in_process:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
             env["CUDA_VISIBLE_DEVICES"] = devices[dist.local_rank() % len(devices)]
