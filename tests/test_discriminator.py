@@ -159,3 +159,47 @@ def test_inverse_rewards_of_all_k_samples_and_their_normalisation(tiny_tokenizer
     curve = by_step_means(agent_r)
     assert len(curve) == 3 and curve[0] == pytest.approx(sum(agent_r[(tr.id, 0, k)] for tr in trajs
                                                              for k in range(3)) / 6)
+
+
+def test_policy_backbone_discriminator_starts_from_the_policy_and_separates_shuffled_actions(tiny_tokenizer):
+    """reward.disc_backbone=policy: D is a copy of the (SFT) policy's decoder + a head. It starts equal to
+    the policy, trains without touching the policy, and tells expert actions from shuffled ones (each
+    state paired with an expert action of another step)."""
+    from omegaconf import OmegaConf
+
+    from conftest import CORPUS, make_tiny_model
+    from stepagent.train.sft import sft_samples, train_sft
+
+    tok = tiny_tokenizer
+    acts = ["open door to kitchen", "go to kitchen", "look around", "focus on dove", "pick up dove",
+            "move egg dove egg in inventory to red box"]
+    obs = ["The door is already open.", "You move to the kitchen.", CORPUS[1], "You focus on the dove egg.",
+           "You move the dove to the inventory.", "You move the dove to the red box."]
+    trajs = [Trajectory(id=f"scienceworld/find-animal/{i}", task="scienceworld", task_type="find-animal",
+                        instruction=CORPUS[0] + f" Variation {i}.", steps=[Step(a, o) for a, o in zip(acts, obs)],
+                        reward=1.0) for i in range(4)]
+    enc = PromptEncoder(tok, max_prompt_tokens=480)
+    torch.manual_seed(0)
+    policy = make_tiny_model(tok, layers=2, hidden=64)
+    sft = OmegaConf.create({"epochs": 20, "lr": 3e-3, "batch_size": 4, "warmup_steps": 0, "weight_decay": 0.0,
+                            "max_grad_norm": 1.0})
+    train_sft(policy, sft_samples(trajs, enc, 512), sft, tok.pad_token_id, progress=False)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+
+    cfg = DiscriminatorConfig(max_len=256)
+    disc = Discriminator.from_policy(policy, tok, cfg)
+    dec = policy.get_decoder().state_dict()
+    assert all(torch.equal(v, dec[k]) for k, v in disc.encoder.state_dict().items())  # starts as the policy
+    assert disc.head.in_features == policy.config.hidden_size
+
+    # shuffled: the action of step t + 2 (mod n) in the state of step t — a real action, in the wrong place
+    segs = {tr.id: [Segment(tr.id, t, acts[t], [acts[(t + 2) % len(acts)]], [False]) for t in range(len(acts))]
+            for tr in trajs}
+    expert, agent = build_pairs(enc, trajs, segs, max_len=256)
+    assert len(expert) == len(agent) == 24
+    opt = torch.optim.AdamW(disc.parameters(), lr=2e-3)
+    st = train_discriminator(disc, opt, expert, agent, epochs=20, batch_size=8, seed=0)
+    after = accuracy(disc, expert, agent)
+    assert st["steps"] > 0 and after["acc"] >= 0.9, (st, after)
+    assert all(torch.equal(v, policy.state_dict()[k]) for k, v in before.items())  # the policy is untouched
+    assert any(not torch.equal(v, dec[k]) for k, v in disc.encoder.state_dict().items())  # D's copy trained

@@ -83,21 +83,24 @@ class Pair(NamedTuple):
 class Discriminator(nn.Module):
     """logit ℓ(s, a) with D(s, a) = σ(ℓ) = P(agent | s, a)."""
 
-    def __init__(self, cfg: DiscriminatorConfig, vocab_size: int, pad_id: int):
+    def __init__(self, cfg: DiscriminatorConfig, vocab_size: int, pad_id: int, encoder: Optional[nn.Module] = None,
+                 hidden_size: Optional[int] = None):
         super().__init__()
         from transformers import LlamaConfig, LlamaModel
 
         self.cfg = cfg
         self.pad_id = pad_id
-        lcfg = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_heads, max_position_embeddings=max(cfg.max_len, 64),
-            pad_token_id=pad_id,
-        )
-        lcfg._attn_implementation = "sdpa"
-        self.encoder = LlamaModel(lcfg)
-        self.head = nn.Linear(cfg.hidden_size, 1)
+        if encoder is None:
+            lcfg = LlamaConfig(
+                vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                num_key_value_heads=cfg.num_heads, max_position_embeddings=max(cfg.max_len, 64),
+                pad_token_id=pad_id,
+            )
+            lcfg._attn_implementation = "sdpa"
+            encoder, hidden_size = LlamaModel(lcfg), cfg.hidden_size
+        self.encoder = encoder
+        self.head = nn.Linear(hidden_size, 1)
         # Start near D = 0.5 (no class preferred): small weights, zero bias.
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
@@ -106,6 +109,23 @@ class Discriminator(nn.Module):
     def for_tokenizer(cls, tokenizer, cfg: Optional[DiscriminatorConfig] = None) -> "Discriminator":
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return cls(cfg or DiscriminatorConfig(), len(tokenizer), pad)
+
+    @classmethod
+    def from_policy(cls, model: nn.Module, tokenizer, cfg: Optional[DiscriminatorConfig] = None) -> "Discriminator":
+        """D on the policy's own features: a copy of ``model``'s decoder as it is now (after SFT) and a
+        fresh scalar head. The copy trains on its own; the policy is not touched (also under ZeRO-3:
+        the full weights are read once, gathered)."""
+        from stepagent.train.engine import gathered
+
+        decoder = model.get_decoder()
+        with gathered(model):
+            state = {k: v.detach().clone() for k, v in decoder.state_dict().items()}
+        encoder = type(decoder)(decoder.config)
+        encoder.load_state_dict(state)
+        encoder.to(next(iter(state.values())).dtype)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(cfg or DiscriminatorConfig(), len(tokenizer), pad, encoder=encoder,
+                   hidden_size=decoder.config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Right-padded [B, T] → logits [B], read at each row's last non-pad token."""

@@ -26,6 +26,7 @@ from typing import Any, Dict, List
 
 import torch
 
+from stepagent.config import resolve_disc_backbone
 from stepagent.algos.contrast import build_packs
 from stepagent.algos.discriminator import Discriminator, accuracy, build_pairs, config_from_reward, train_discriminator
 from stepagent.algos.inspection import inspect_cycle
@@ -48,9 +49,14 @@ class InverseArm(Arm):
         # the policy (+ the value head with ppo.advantage=gae, kept on ctx.value_head): one optimizer
         self.opt = ppo_optimizer(model, cfg.ppo, value_head_for(ctx))
         torch.manual_seed(cfg.seed)
-        self.disc = Discriminator.for_tokenizer(ctx.policy.tokenizer, config_from_reward(rcfg)) \
-            .to(next(model.parameters()).device)
-        log.info("discriminator: %.2fM parameters", sum(p.numel() for p in self.disc.parameters()) / 1e6)
+        self.backbone = resolve_disc_backbone(rcfg, cfg.policy.kind)
+        if self.backbone == "policy":  # the SFT policy's features: a copy of its decoder + a head
+            self.disc = Discriminator.from_policy(model, ctx.policy.tokenizer, config_from_reward(rcfg))
+        else:  # a separate small encoder
+            self.disc = Discriminator.for_tokenizer(ctx.policy.tokenizer, config_from_reward(rcfg))
+        self.disc.to(next(model.parameters()).device)
+        log.info("discriminator (%s backbone): %.2fM parameters", self.backbone,
+                 sum(p.numel() for p in self.disc.parameters()) / 1e6)
         self.disc_opt = train_engine(self.disc, lr=rcfg.disc_lr)  # its own DeepSpeed engine under deepspeed=...
         self.train_state = {"policy_optimizer": self.opt, "discriminator": self.disc,
                             "discriminator_optimizer": self.disc_opt, "value_head": ctx.value_head}
