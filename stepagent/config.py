@@ -174,9 +174,8 @@ class ICLFormat(Choice):
 
 
 class DiscBackbone(Choice):
-    auto = "auto"
-    policy = "policy"
     encoder = "encoder"
+    policy = "policy"
 
 
 class MatchMode(Choice):
@@ -616,11 +615,10 @@ class InverseRewardConfig(RewardConfig):
     form: RewardForm = RewardForm.gail  # gail: r = -log D(s,a) | airl: r = log D_E - log(1 - D_E) = -logit D(s,a)
     # none (or null) | batch: zero mean, unit std over the cycle's agent samples
     normalize: Optional[RewardNormalize] = RewardNormalize.batch
-    # what D reads (state, action) with: policy = a copy of the SFT policy's decoder + a scalar head (the
-    # policy's own features); encoder = a separate small Llama encoder + head (disc_hidden_size, ...);
-    # auto = policy for the tiny policy, encoder for hf policies (the hf version, a second LoRA adapter on the
-    # frozen base, is not implemented yet)
-    disc_backbone: DiscBackbone = DiscBackbone.auto
+    # what D reads (state, action) with: encoder = a separate small Llama encoder + head (disc_hidden_size, ...);
+    # policy = a copy of the SFT policy's decoder + a scalar head (the policy's own features; tiny policies
+    # only: the hf version, a second LoRA adapter on the frozen base, is not implemented yet)
+    disc_backbone: DiscBackbone = DiscBackbone.encoder
     disc_hidden_size: int = 128  # encoder backbone only: its width, depth and heads
     disc_num_layers: int = 2
     disc_num_heads: int = 4
@@ -1037,20 +1035,12 @@ def _check_rollout(cfg: Any) -> None:
                           "clusters pip install 'vllm==0.32.0' (its torch pin is the project's torch 2.13.0)")
 
 
-def resolve_disc_backbone(reward: Any, policy_kind: str) -> str:
-    """``reward.disc_backbone`` with auto resolved: policy (tiny policies) | encoder (hf policies)."""
-    choice = str(getattr(reward, "disc_backbone", "auto"))
-    if choice == "auto":
-        return "policy" if str(policy_kind) == "tiny" else "encoder"
-    return choice
-
-
 def _check_across_groups(cfg: Any) -> None:
     """Rules between groups."""
     _check_rollout(cfg)
     if cfg.reward.name == "inverse" and str(cfg.reward.disc_backbone) == "policy" and cfg.policy.kind != "tiny":
         raise ConfigError("reward.disc_backbone=policy with policy=hf (a second LoRA adapter and a head on the frozen "
-                          "base) is not implemented yet; use reward.disc_backbone=encoder (or auto)")
+                          "base) is not implemented yet; use reward.disc_backbone=encoder")
     if cfg.seed < 0:
         raise ConfigError(f"seed must be >= 0, got {cfg.seed}")
     if cfg.cycles < 0:

@@ -96,6 +96,7 @@ ARMS = {
     "outcome_gae": ["reward=outcome", "ppo.advantage=gae", "ppo.epochs=1"],
     "inverse_gae": ["reward=inverse", "reward.disc_hidden_size=32", "reward.disc_num_layers=1", "ppo.epochs=1",
                     "ppo.advantage=gae"],
+    "inverse_policy_disc": ["reward=inverse", "reward.disc_backbone=policy", "ppo.epochs=1"],
     "loop": ["algo=loop", "inspection.samples_per_state=2", "ppo.epochs=1"],
     "eto": ["algo=eto"],
 }
@@ -116,7 +117,7 @@ def test_reflection_arms_on_scienceworld(arm, tmp_path, run_py):
     results = json.loads((run_dir / "results.json").read_text())
     (cycle,) = results["cycles"]
     assert cycle["cycle"] == 1 and "eval/reward_x100" in cycle
-    if arm in ("inverse", "inverse_gae"):
+    if arm in ("inverse", "inverse_gae", "inverse_policy_disc"):
         assert cycle["ppo/steps"] >= 1 and cycle["disc/steps_train"] >= 1
         assert 0.0 <= cycle["disc/acc_train"] <= 1.0
         assert len(cycle["step_reward/agent_by_step"]) >= 5

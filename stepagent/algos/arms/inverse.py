@@ -26,7 +26,6 @@ from typing import Any, Dict, List
 
 import torch
 
-from stepagent.config import resolve_disc_backbone
 from stepagent.algos.contrast import build_packs
 from stepagent.algos.discriminator import Discriminator, accuracy, build_pairs, config_from_reward, train_discriminator
 from stepagent.algos.inspection import inspect_cycle
@@ -49,7 +48,7 @@ class InverseArm(Arm):
         # the policy (+ the value head with ppo.advantage=gae, kept on ctx.value_head): one optimizer
         self.opt = ppo_optimizer(model, cfg.ppo, value_head_for(ctx))
         torch.manual_seed(cfg.seed)
-        self.backbone = resolve_disc_backbone(rcfg, cfg.policy.kind)
+        self.backbone = str(rcfg.disc_backbone)
         if self.backbone == "policy":  # the SFT policy's features: a copy of its decoder + a head
             self.disc = Discriminator.from_policy(model, ctx.policy.tokenizer, config_from_reward(rcfg))
         else:  # a separate small encoder
