@@ -22,7 +22,7 @@ from stepagent.agent.prompts import PromptEncoder
 from stepagent.preemption import check_preemption
 from stepagent.data.trajectory import Trajectory
 from stepagent.envs.base import Task
-from stepagent.rollout.base import as_engine
+from stepagent.rollout.base import as_rollout_engine
 
 
 def normalize_action(text: str) -> str:
@@ -80,7 +80,7 @@ def inspect(
     parameters gathered once (ZeRO-3), and every rank returns all segments."""
     from stepagent import distributed as dist
 
-    engine = as_engine(model, tokenizer)
+    engine = as_rollout_engine(model, tokenizer)
     segs = segments_of(trajs)
     out: Dict[str, List[Segment]] = defaultdict(list)
     # Longest prompts first: batches of similar length waste less padding.

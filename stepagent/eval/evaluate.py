@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from stepagent.rollout.base import as_engine
+from stepagent.rollout.base import as_rollout_engine
 from stepagent.agent.prompts import PromptEncoder
 from stepagent.eval.protocol import caption, score_rule, split_label, split_name
 from stepagent.preemption import check_preemption
@@ -169,7 +169,7 @@ def run_episodes(
     """
     from stepagent import distributed as dist
 
-    engine = as_engine(model, tokenizer)
+    engine = as_rollout_engine(model, tokenizer)
     mine = dist.shard_indices(len(instances))
     with engine.phase():  # ZeRO-3 parameters gathered once (hf); the engine's weights brought up to date (vllm)
         local = _play_episodes(engine, tokenizer, encoder, task, [instances[i] for i in mine], pool,

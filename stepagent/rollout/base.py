@@ -177,7 +177,7 @@ def priming_waves(prompts: Sequence[Sequence[int]], min_shared: int = 16) -> Lis
     return [w for w in levels if w] + [leaves]
 
 
-def as_engine(model_or_engine: Any, tokenizer: Any) -> RolloutEngine:
+def as_rollout_engine(model_or_engine: Any, tokenizer: Any) -> RolloutEngine:
     """An engine as is; a bare model (tests, benchmarks, old callers) wrapped in the HF engine."""
     if isinstance(model_or_engine, RolloutEngine):
         return model_or_engine

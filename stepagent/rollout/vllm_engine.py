@@ -41,12 +41,12 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from stepagent.config import VLLM_LORA_RANKS
 from stepagent.rollout.base import RolloutEngine, priming_waves, register_engine
 
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "stepagent.rollout.vllm_worker.WeightLoader"
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
