@@ -49,15 +49,15 @@ class CycleContext:
     # stepagent.checkpoint.Checkpointer: saves a checkpoint after each cycle, and restores the
     # loop's state when the run resumes (a fresh one, resuming nothing, when not given)
     checkpoints: Any = None
-    # the run's generation engine (stepagent.rollout: hf | vllm); None: HF generate on the policy
+    # what inspection, held-out agreement and rollouts generate with (stepagent.rollout: hf | vllm);
+    # HF generate on the policy when not given
     rollout: Any = None
 
-    @property
-    def generator(self) -> Any:
-        """What inspection, evaluation and rollouts generate with: the engine, else the policy model."""
-        return self.rollout if self.rollout is not None else self.policy.model
-
     def __post_init__(self):
+        if self.rollout is None:
+            from stepagent.rollout.hf import HFEngine
+
+            self.rollout = HFEngine(self.policy.model, self.policy.tokenizer)
         if self.checkpoints is None:
             from stepagent.checkpoint import Checkpointer
 
@@ -74,7 +74,7 @@ def heldout_agreement(ctx: CycleContext) -> Dict[str, Any]:
     """Greedy agreement with the expert on held-out (dev) expert segments."""
     if not ctx.heldout:
         return {"rate": None, "by_step": [], "samples": 0}
-    segs = inspect(ctx.generator, ctx.policy.tokenizer, ctx.encoder, ctx.task, ctx.heldout, 1, 0.0,
+    segs = inspect(ctx.rollout, ctx.policy.tokenizer, ctx.encoder, ctx.task, ctx.heldout, 1, 0.0,
                    ctx.cfg.policy.max_new_tokens, ctx.cfg.inspection.batch_size, desc="held-out agreement",
                    match=ctx.cfg.inspection.match)
     return agreement(segs)
@@ -102,13 +102,11 @@ def run_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
     for cycle in range(first, cfg.cycles + 1):
         cdir = ctx.run_dir / "cycles" / f"cycle_{cycle}"
         subset = cycle_subset(arm.items(), arm.subset_size(), cfg.seed, cycle)
-        if ctx.rollout is not None:
-            ctx.rollout.pop_stats()  # counted from here: this cycle's training generation
+        ctx.rollout.pop_stats()  # counted from here: this cycle's training generation
         stats = arm.step(cycle, subset, cdir)
-        gen = ctx.rollout.pop_stats().as_row("generation/train") if ctx.rollout is not None else {}
+        gen = ctx.rollout.pop_stats().as_row("generation/train")
         held = heldout_agreement(ctx)
-        if ctx.rollout is not None:
-            gen.update(ctx.rollout.pop_stats().as_row("generation/heldout"))
+        gen.update(ctx.rollout.pop_stats().as_row("generation/heldout"))
         summary = ctx.evaluate(f"eval_cycle_{cycle}")
         row = {
             "cycle": cycle,

@@ -152,7 +152,7 @@ def inspect_cycle(ctx, subset: Sequence[Trajectory], cycle: int, cdir: Path):
     from stepagent import distributed as dist
 
     cfg = ctx.cfg
-    segments = inspect(ctx.generator, ctx.policy.tokenizer, ctx.encoder, ctx.task, subset,
+    segments = inspect(ctx.rollout, ctx.policy.tokenizer, ctx.encoder, ctx.task, subset,
                        cfg.inspection.samples_per_state, cfg.inspection.temperature, cfg.policy.max_new_tokens,
                        cfg.inspection.batch_size, desc=f"cycle {cycle} inspection", match=cfg.inspection.match)
     if dist.is_main():

@@ -37,7 +37,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -50,23 +50,23 @@ WORKER_EXTENSION = "stepagent.rollout.vllm_worker.WeightLoader"
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def _set_env(values: Dict[str, Optional[str]]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @contextlib.contextmanager
 def _env(**values: Optional[str]) -> Iterator[None]:
-    """Environment variables set for the duration (None: unset)."""
+    """Environment variables set for the duration (None: unset), then put back as they were."""
     old = {k: os.environ.get(k) for k in values}
+    _set_env(values)
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_env(old)
 
 
 @contextlib.contextmanager

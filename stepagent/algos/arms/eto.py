@@ -250,7 +250,7 @@ class ETOArm(Arm):
 
         # 1. Exploration: the current policy plays each task ``rollouts_per_task`` times.
         rollouts = [inst for inst in subset for _ in range(ecfg.rollouts_per_task)]
-        episodes = run_episodes(ctx.generator, ctx.policy.tokenizer, ctx.encoder, ctx.task, rollouts, ctx.pool,
+        episodes = run_episodes(ctx.rollout, ctx.policy.tokenizer, ctx.encoder, ctx.task, rollouts, ctx.pool,
                                 cfg.policy.max_new_tokens, ecfg.temperature, progress,
                                 desc=f"iteration {cycle} exploration")
 

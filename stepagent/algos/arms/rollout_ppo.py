@@ -101,7 +101,7 @@ class RolloutPPOArm(Arm):
         pad, K = tok.pad_token_id, cfg.inspection.samples_per_state
 
         # 1. K rollouts per task in the environment.
-        episodes = run_episodes(ctx.generator, tok, ctx.encoder, ctx.task, [t for t in subset for _ in range(K)],
+        episodes = run_episodes(ctx.rollout, tok, ctx.encoder, ctx.task, [t for t in subset for _ in range(K)],
                                 ctx.pool, cfg.policy.max_new_tokens, cfg.inspection.temperature,
                                 desc=f"cycle {cycle} rollouts")
         ok = [e for e in episodes if not e.crashed]
