@@ -24,7 +24,10 @@ from stepagent.envs.scienceworld import (
     ScienceWorldTask,
     ScienceWorldTextEnv,
     eto_to_package_name,
+    interleave,
     package_task_names,
+    read_simulator_variations,
+    simulator_variations,
 )
 
 FIND_TYPES = ["find-animal", "find-living-thing", "find-non-living-thing", "find-plant"]
@@ -78,6 +81,42 @@ def test_instances_filter_cap_and_step_limits():
         sw_task(task_types=["find-unicorn"]).instances("train")
     with pytest.raises(ValueError, match="split"):
         task.instances("validation")
+
+
+def test_simulator_variations_enlarge_dev_and_test_and_keep_eto_first():
+    eto = sw_task(task_types=FIND_TYPES)
+    sim = sw_task(task_types=FIND_TYPES, variations="simulator")
+    table = simulator_variations()
+    eto_train = {(i.task_type, i.index) for i in eto.instances("train")}
+    test = sim.instances("test")
+    # test: every simulator test variation of the four types, ETO's 10 per type first
+    assert len(test) == 300 and {(i.task_type, int(i.index)) for i in test} == \
+        {(t, v) for t in FIND_TYPES for v in table[t]["test"]}
+    for t in FIND_TYPES:
+        assert [i.index for i in test if i.task_type == t][:10] == \
+            [i.index for i in eto.instances("test") if i.task_type == t]
+    # interleaved: the first 4k instances hold k of every type
+    assert sorted(i.task_type for i in test[:8]) == sorted(FIND_TYPES * 2)
+    # dev: the simulator's dev variations minus everything ETO trains on (some of ETO's own dev list too)
+    dev = sim.instances("dev")
+    assert not {(i.task_type, i.index) for i in dev} & eto_train
+    assert any((i.task_type, i.index) in eto_train for i in eto.instances("dev"))  # ETO's "seen" overlap
+    assert all(int(i.index) in table[i.task_type]["dev"] for i in dev) and len(dev) == 170
+    # train: ETO's list first, then the simulator's other train variations
+    train = sim.instances("train")
+    assert [i.index for i in train if i.task_type == "find-plant"][:120] == \
+        [i.index for i in eto.instances("train") if i.task_type == "find-plant"]
+    assert len(train) == len({(i.task_type, i.index) for i in train}) > len(eto_train)
+    # caps: dev_per_type / test_per_type, each defaulting to eval_per_type
+    capped = sw_task(task_types=FIND_TYPES, variations="simulator", eval_per_type=3, test_per_type=20)
+    assert len(capped.instances("dev")) == 12 and len(capped.instances("test")) == 80
+    assert len(sw_task(task_types=FIND_TYPES, eval_per_type=3, dev_per_type=5).instances("dev")) == 20
+    assert len(sw_task(task_types=FIND_TYPES, eval_per_type=3, dev_per_type=5).instances("test")) == 12
+    assert interleave({"b": [1, 2, 3], "a": [7]}) == [("a", 7), ("b", 1), ("b", 2), ("b", 3)]
+
+
+def test_simulator_variations_table_matches_the_installed_simulator():
+    assert read_simulator_variations() == simulator_variations()
 
 
 def test_env_factory_is_picklable_and_preamble():

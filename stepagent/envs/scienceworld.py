@@ -86,6 +86,46 @@ def resolve_data_dir(data_dir: Optional[str]) -> Path:
 
 # The files a ScienceWorld data_dir must hold (what ScienceWorldTask reads).
 DATA_FILES = ("tasks.json", "max_steps.json", *(f"{s}_indices.json" for s in SPLITS))
+# The simulator's own train/dev/test variations of every task (task.variations=simulator); written by
+# ``python -m stepagent.envs.scienceworld --write-variations PATH`` from the installed package.
+SIMULATOR_VARIATIONS = "simulator_variations.json"
+
+
+@functools.lru_cache(maxsize=None)
+def simulator_variations(data_dir: str = str(DEFAULT_DATA_DIR)) -> Dict[str, Dict[str, List[int]]]:
+    """task type -> {"train" | "dev" | "test": the simulator's variation numbers}."""
+    path = Path(data_dir) / SIMULATOR_VARIATIONS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: task.variations=simulator needs it (write it with "
+                                f"python -m stepagent.envs.scienceworld --write-variations {path})")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def interleave(by_type: Dict[str, List[int]]) -> List[Tuple[str, int]]:
+    """Round-robin over the task types (sorted), each in its own order: the first N instances of
+    the result cover the types evenly."""
+    types = sorted(by_type)
+    out: List[Tuple[str, int]] = []
+    for i in range(max((len(v) for v in by_type.values()), default=0)):
+        out.extend((t, by_type[t][i]) for t in types if i < len(by_type[t]))
+    return out
+
+
+def read_simulator_variations() -> Dict[str, Dict[str, List[int]]]:
+    """The installed simulator's variation splits of every task (starts a JVM)."""
+    from scienceworld import ScienceWorldEnv
+
+    env = ScienceWorldEnv("", envStepLimit=100)
+    try:
+        out = {}
+        for name in env.get_task_names():
+            env.load(name, 0, "easy")
+            out[name] = {"train": list(env.get_variations_train()), "dev": list(env.get_variations_dev()),
+                         "test": list(env.get_variations_test())}
+        return out
+    finally:
+        env.close()
 
 
 def task_type_names(data_dir: str = str(DEFAULT_DATA_DIR)) -> List[str]:
@@ -121,6 +161,7 @@ class ScienceWorldTask(Task):
         # Every ETO task with a step limit is a valid task type; map them all now so a bad
         # table fails at start-up, not when some split is first read.
         self._eto_to_type = {n: eto_to_package_name(n, str(self.data_dir)) for n in self._eto_max_steps}
+        self._type_max_steps = {self._eto_to_type[n]: int(m) for n, m in self._eto_max_steps.items()}
 
     @property
     def task_types(self) -> List[str]:
@@ -139,28 +180,56 @@ class ScienceWorldTask(Task):
         return set(wanted)
 
     def instances(self, split: str) -> List[TaskInstance]:
+        """``split``'s instances of the selected task types, capped per type (``train_per_type``;
+        dev/test: ``dev_per_type`` / ``test_per_type``, each null = ``eval_per_type``).
+
+        ``task.variations=eto``: ETO's lists in file order. ``simulator``: per type, ETO's list first,
+        then the simulator's other variations of the same split in ascending order — dev leaves out
+        every variation of ETO's train list (ETO trains on some simulator-dev variations, and 54 of
+        its 194 dev variations are also in its train list) — and the
+        types are interleaved, so the first N per type are ETO's N whenever N fits in ETO's list."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        types = self._selected_types()
+        cap = _cfg_get(self.cfg, "train_per_type") if split == "train" else \
+            _cfg_get(self.cfg, f"{split}_per_type", _cfg_get(self.cfg, "eval_per_type"))
+        by_type: Dict[str, List[int]] = {}
+        for eto_name, variation in self._eto_pairs(split):  # file order: caps keep the first N, deterministically
+            task_type = self._eto_to_type[eto_name]
+            if types is None or task_type in types:
+                by_type.setdefault(task_type, []).append(int(variation))
+        if str(_cfg_get(self.cfg, "variations", "eto")) == "simulator":
+            sim = simulator_variations(str(self.data_dir))
+            in_eto_train: Dict[str, set] = {}
+            for eto_name, variation in self._eto_pairs("train"):
+                in_eto_train.setdefault(self._eto_to_type[eto_name], set()).add(int(variation))
+            for task_type in sorted(types if types is not None else self.task_types):
+                listed = by_type.setdefault(task_type, [])
+                if split == "dev":  # a dev set for choosing settings: nothing ETO trains on
+                    listed[:] = [v for v in listed if v not in in_eto_train.get(task_type, set())]
+                seen = set(listed) | (in_eto_train.get(task_type, set()) if split == "dev" else set())
+                listed.extend(v for v in sim[task_type][split] if v not in seen)
+            order = interleave({t: v[: int(cap)] if cap is not None else v for t, v in by_type.items()})
+        else:
+            kept: Dict[str, int] = {}
+            order = []
+            for eto_name, v in self._eto_pairs(split):
+                t = self._eto_to_type[eto_name]
+                if t in by_type and (cap is None or kept.get(t, 0) < int(cap)):
+                    kept[t] = kept.get(t, 0) + 1
+                    order.append((t, v))
+        max_steps_override = _cfg_get(self.cfg, "max_steps")
+        return [TaskInstance("scienceworld", t, str(v), split, int(max_steps_override or self._type_max_steps[t]))
+                for t, v in order]
+
+    def _eto_pairs(self, split: str) -> List[Tuple[str, int]]:
+        """ETO's ``[eto_task_name, variation]`` list of ``split``, checked against max_steps.json."""
         with open(self.data_dir / f"{split}_indices.json", encoding="utf-8") as f:
             pairs = json.load(f)
-        types = self._selected_types()
-        cap = _cfg_get(self.cfg, "train_per_type" if split == "train" else "eval_per_type")
-        max_steps_override = _cfg_get(self.cfg, "max_steps")
-
-        out: List[TaskInstance] = []
-        per_type: Dict[str, int] = {}
-        for eto_name, variation in pairs:  # file order: caps keep the first N, deterministically
+        for eto_name, _ in pairs:
             if eto_name not in self._eto_to_type:
                 raise ValueError(f"{split}_indices.json: task {eto_name!r} has no entry in max_steps.json")
-            task_type = self._eto_to_type[eto_name]
-            if types is not None and task_type not in types:
-                continue
-            if cap is not None and per_type.get(task_type, 0) >= int(cap):
-                continue
-            per_type[task_type] = per_type.get(task_type, 0) + 1
-            max_steps = int(max_steps_override or self._eto_max_steps[eto_name])
-            out.append(TaskInstance("scienceworld", task_type, str(int(variation)), split, max_steps))
-        return out
+        return [(n, int(v)) for n, v in pairs]
 
     def env_factory(self) -> Callable[[], TextEnv]:
         return functools.partial(
@@ -331,3 +400,21 @@ class ScienceWorldTextEnv(TextEnv):
             proc.wait(timeout=5)
         # ScienceWorldEnv.__del__ calls close() again; make that a no-op on a dead gateway.
         sim.close = lambda: None
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="ScienceWorld data tables")
+    ap.add_argument("--write-variations", metavar="PATH", required=True,
+                    help=f"write the installed simulator's variation splits ({SIMULATOR_VARIATIONS})")
+    args = ap.parse_args(argv)
+    table = read_simulator_variations()
+    lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(table.items())]
+    Path(args.write_variations).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+    print(f"{args.write_variations}: {len(table)} tasks")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
