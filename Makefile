@@ -45,12 +45,17 @@ test: $(STAMP) java
 test-slow: $(STAMP) java
 	STEPAGENT_REQUIRE_EXTRAS=1 $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-# The paper ablation at mini scale (6 arms x 3 seeds, tiny policy, ~2 h on 2 cores), then its
-# table and plots. Re-running continues where it stopped (finished runs are skipped).
+# The paper ablation at mini scale (6 arms x 3 seeds, tiny policy, on 2 CPU cores), then its table and
+# plots. Each finished run's small summary goes to $(ABLATION_SUMMARIES) and is committed at once; a run
+# whose summary is there is skipped, so re-running (in a later session, on another machine) continues
+# where it stopped, and the report is rebuilt from the committed summaries. To redo every run, point
+# ABLATION_SUMMARIES at an empty folder.
 ABLATION ?= ablation_mini
+ABLATION_SUMMARIES ?= docs/$(ABLATION)/runs
+ABLATION_COMMIT ?= --commit
 ablation: $(STAMP) java
-	$(PY) experiments/sweep.py experiments/sweeps/$(ABLATION).txt
-	$(PY) experiments/report.py outputs/$(ABLATION) --out outputs/$(ABLATION)/report
+	$(PY) experiments/sweep.py experiments/sweeps/$(ABLATION).txt --summaries $(ABLATION_SUMMARIES) $(ABLATION_COMMIT)
+	$(PY) experiments/report.py $(ABLATION_SUMMARIES) --out docs/$(ABLATION)
 
 bench: $(STAMP) java
 	$(PY) benchmarks/env_throughput.py

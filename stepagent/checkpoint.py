@@ -275,6 +275,8 @@ class Checkpoint:
         if read_manifest(self.path) is None:
             raise ValueError(f"{self.path} is not a complete checkpoint (no valid {COMPLETE} marker)")
         self.meta: Dict[str, Any] = json.loads((self.path / "state.json").read_text())
+        # sft.init_from: the eval keys this run changed, so the SFT policy is evaluated again
+        self.reevaluate: List[str] = []
 
     @property
     def cycle(self) -> int:

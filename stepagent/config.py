@@ -149,6 +149,13 @@ class ScoreRule(Choice):
     final = "final"  # the score when the episode ends, negative counted as 0 (÷100)
 
 
+class Variations(Choice):
+    """task.variations (ScienceWorld): which variations the splits hold."""
+
+    eto = "eto"  # ETO's train/dev/test lists (dev = "seen", test = "unseen")
+    simulator = "simulator"  # ETO's lists first, then the simulator's other variations of the same split
+
+
 class ActionFormat(Choice):
     """task.action_format: what the policy writes at each step."""
 
@@ -174,8 +181,19 @@ class ICLFormat(Choice):
 
 
 class DiscBackbone(Choice):
-    encoder = "encoder"
-    policy = "policy"
+    """reward.disc_backbone: what the inverse arm's discriminator reads (state, action) with."""
+
+    auto = "auto"  # policy for the tiny policy; encoder for hf policies (their LoRA-adapter D is not implemented)
+    encoder = "encoder"  # a separate small Llama encoder + head
+    policy = "policy"  # a copy of the SFT policy's decoder + a scalar head (the paper's design; tiny policies)
+
+
+def disc_backbone_of(reward_cfg: Any, policy_kind: str) -> str:
+    """The backbone ``reward.disc_backbone`` picks for a policy of ``policy_kind`` (tiny | hf)."""
+    chosen = str(reward_cfg.disc_backbone)
+    if chosen == "auto":
+        return "policy" if policy_kind == "tiny" else "encoder"
+    return chosen
 
 
 class MatchMode(Choice):
@@ -348,10 +366,16 @@ class ScienceWorldTaskConfig(TaskConfig):
     max_steps: Optional[int] = None  # null: ETO's per-task step limits (max_steps.json); else >= 1
     env_step_limit: int = 100  # the simulator's own hard limit
     score: ScoreRule = ScoreRule.max  # max: ETO's rule (highest score reached) | final: the last score
+    # eto: ETO's lists | simulator: ETO's lists first, then the simulator's other variations of each split
+    # (dev without ETO's train variations), for evaluations larger than ETO's 10 per type
+    variations: Variations = Variations.eto
+    dev_per_type: Optional[int] = None  # cap on dev instances per type (null: eval_per_type)
+    test_per_type: Optional[int] = None  # cap on test instances per type (null: eval_per_type)
 
     def check(self) -> None:
         super().check()
         self._min("max_steps", 1, nullable=True)
+        self._count_or_all("dev_per_type", "test_per_type")
         self._at_least_one("env_step_limit")
         if _is_missing(self.data_dir):
             return
@@ -533,13 +557,18 @@ POLICY_SCHEMAS: Dict[str, type] = {"tiny": TinyPolicyConfig, "hf": HFPolicyConfi
 @dataclass
 class SFTConfig(Checked):
     enabled: bool = True
-    epochs: int = 3
+    epochs: int = 8
     lr: float = 1e-3
     batch_size: int = 8  # sequences per optimizer step
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_trajectories: Optional[int] = None  # use only the first N expert trajectories (null: all, else >= 1)
+    # Start from another run's SFT checkpoint (a checkpoint folder, or a run folder: its SFT-stage one)
+    # instead of training: its weights, evaluations and SFT stats; the seed, policy, sft and task keys
+    # must equal that run's. An ablation trains SFT once per seed and every arm starts from it.
+    # resume=auto in a run that has its own checkpoint continues from that one instead.
+    init_from: Optional[str] = None
 
     def check(self) -> None:
         self._at_least_one("epochs", "batch_size")
@@ -618,7 +647,7 @@ class InverseRewardConfig(RewardConfig):
     # what D reads (state, action) with: encoder = a separate small Llama encoder + head (disc_hidden_size, ...);
     # policy = a copy of the SFT policy's decoder + a scalar head (the policy's own features; tiny policies
     # only: the hf version, a second LoRA adapter on the frozen base, is not implemented yet)
-    disc_backbone: DiscBackbone = DiscBackbone.encoder
+    disc_backbone: DiscBackbone = DiscBackbone.auto
     disc_hidden_size: int = 128  # encoder backbone only: its width, depth and heads
     disc_num_layers: int = 2
     disc_num_heads: int = 4
@@ -921,6 +950,9 @@ class Config:
     cache_dir: str = MISSING
     experiment: Optional[str] = None  # set by experiments/experiment/<name>.yaml
     arm: Optional[str] = None  # ablation arm (conf/arm), names the run in reports
+    # a label for one point of a settings grid of the same arm (e.g. b0.5_lr3e-5): names the run dir
+    # and its summary beside the arm (experiments/sweeps/*_grid.txt)
+    variant: Optional[str] = None
     # null: start fresh | auto: continue from the newest complete checkpoint in run_dir (start
     # fresh if none; a finished run only reprints its results) | <path>: a checkpoint folder or a run folder
     resume: Optional[str] = None

@@ -14,7 +14,7 @@ import os
 import random
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from stepagent.agent.policy import Policy, build_policy
 from stepagent.agent.prompts import PromptEncoder, PromptFrame
 from stepagent.algos.cycle import CycleContext, run_cycles
 from stepagent.algos.registry import arm_name
-from stepagent.checkpoint import Checkpoint, Checkpointer, latest_checkpoint, resolve_resume
+from stepagent.checkpoint import Checkpoint, Checkpointer, complete_checkpoints, latest_checkpoint, resolve_resume
 from stepagent.config import ConfigError, validate_config
 from stepagent.preemption import Preempted, check_preemption, preemption_signals
 from stepagent.rollout.base import make_engine
@@ -157,16 +157,61 @@ def finished_results(run_dir: Path) -> Dict[str, Any]:
             "run_dir": str(run_dir), "finished_before": True}
 
 
+# Keys the SFT policy depends on: sft.init_from refuses a checkpoint whose run differed in them.
+SFT_KEYS = ("seed", "policy", "sft", "task")
+# Keys that only change what is evaluated: when they differ, the SFT policy is evaluated again on
+# this run's eval.split instead of taking over the SFT run's evaluations.
+SFT_EVAL_KEYS = ("eval", "task.eval_per_type", "task.dev_per_type", "task.test_per_type")
+SFT_FREE_KEYS = ("sft.init_from", "eval.final_splits", "eval.before_sft", "task.num_workers", "task.step_timeout_s")
+
+
+def _under(key: str, prefixes: Tuple[str, ...]) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in prefixes)
+
+
+def sft_checkpoint(cfg) -> Checkpoint:
+    """``sft.init_from``'s SFT-stage checkpoint, checked against this run's config."""
+    path = Path(cfg.sft.init_from)
+    try:
+        if (path / "state.json").exists():
+            found = Checkpoint(path)
+        else:
+            stages = [Checkpoint(p) for _, p in complete_checkpoints(path)]
+            stages = [c for c in stages if c.meta.get("stage") == "sft" and c.cycle == 0]
+            if not stages:
+                raise ValueError(f"{path} holds no complete SFT checkpoint (has its SFT run finished?)")
+            found = stages[-1]
+    except ValueError as e:
+        raise ConfigError(f"sft.init_from={cfg.sft.init_from}: {e}") from None
+    if found.meta.get("stage") != "sft" or found.cycle != 0:
+        raise ConfigError(f"sft.init_from={cfg.sft.init_from}: {found.path} is the checkpoint of stage "
+                          f"{found.meta.get('stage')!r} (cycle {found.cycle}), not of SFT")
+    saved = _flat(found.meta.get("config") or {})
+    # a key the checkpoint's config lacks is newer than that run: its default reproduces the old behaviour
+    changed = [k for k in config_changes(found.meta.get("config"), cfg) if k in saved and not _under(k, SFT_FREE_KEYS)]
+    evaluated = [k for k in changed if _under(k, SFT_EVAL_KEYS)]
+    differ = [k for k in changed if _under(k, SFT_KEYS) and k not in evaluated]
+    if differ:
+        raise ConfigError(f"sft.init_from={cfg.sft.init_from}: that SFT ran with other values of "
+                          f"{', '.join(differ)}; start from an SFT run with this run's settings")
+    found.reevaluate = evaluated  # the SFT run's evaluations measured something else: evaluate again
+    return found
+
+
 def prepare_resume(cfg, run_dir: Path) -> Optional[Checkpoint]:
-    """The checkpoint ``resume`` names (None: start from the beginning), with ``metrics.jsonl``
-    cut back to the rows logged before it: those after belong to the stage that is redone."""
-    if cfg.resume is None:
+    """The checkpoint ``resume`` names (None: start from the beginning), else ``sft.init_from``'s
+    SFT checkpoint, with ``metrics.jsonl`` cut back to the rows logged before it: those after
+    belong to the stage that is redone."""
+    if cfg.resume is None and not cfg.sft.init_from:
         return None
     try:
-        resumed = resolve_resume(cfg.resume, run_dir)
+        resumed = resolve_resume(cfg.resume, run_dir) if cfg.resume is not None else None
     except ValueError as e:
         raise ConfigError(str(e)) from None
     metrics = run_dir / "metrics.jsonl"
+    if resumed is None and cfg.sft.init_from:
+        resumed = sft_checkpoint(cfg)
+        log.info("sft.init_from: starting from the SFT checkpoint %s", resumed.path)
     if resumed is None:
         log.info("resume=%s: no complete checkpoint in %s, starting from the beginning", cfg.resume, run_dir)
         if dist.is_main():
@@ -184,7 +229,9 @@ def prepare_resume(cfg, run_dir: Path) -> Optional[Checkpoint]:
         src = resumed.run_dir / "metrics.jsonl"
         metrics.write_bytes(src.read_bytes()[:size] if src.exists() else b"")
     changed = config_changes(resumed.meta.get("config"), cfg)
-    if changed:
+    if changed and resumed.run_dir.resolve() != run_dir.resolve() and cfg.sft.init_from:
+        log.info("this run's config differs from the SFT run's in: %s", ", ".join(changed))
+    elif changed:
         log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
     log.info("resuming from %s (%s)", resumed.path,
              f"after cycle {resumed.cycle}" if resumed.cycle else f"after stage {resumed.meta['stage']}")
@@ -340,6 +387,14 @@ def _run(cfg, run_dir: Path, logger: RunLogger, resumed: Optional[Checkpoint] = 
             check_preemption("after the SFT checkpoint")
         else:
             resumed.restore_rng()  # the RNG states the uninterrupted run had at this point
+            if resumed.reevaluate:
+                log.info("sft.init_from: evaluating the SFT policy again (this run differs in %s)",
+                         ", ".join(resumed.reevaluate))
+                ckpt.summaries.clear()
+                start = run_eval("eval_sft")
+                logger.log({"cycle": 0, "eval/reward_x100": start["overall"]["reward_x100"],
+                            "eval/success_rate": start["overall"]["success_rate"]})
+                ckpt.save_stage("sft")  # this run's own SFT checkpoint, with its evaluations (an init_from)
 
         cycles = run_reflection(cfg, policy, encoder, task, experts, run_dir, logger, run_eval, pool, cache_dir,
                                 checkpoints=ckpt, rollout=rollout)

@@ -319,3 +319,28 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
     assert r.returncode == 0 and "This run has finished" in r.stdout and "| cycle 2 |" in r.stdout
     assert (term / "results.json").stat().st_mtime_ns == before
     assert len(sorted((term / "wandb").glob("offline-run-*"))) == 2
+
+
+def test_sft_init_from_starts_an_arm_from_another_runs_sft_as_if_it_had_trained_it(tmp_path):
+    """An ablation trains SFT once per seed: the implicit arm started from an SFT-only run's checkpoint
+    (sft.init_from) ends bit-for-bit where the same arm trained from scratch ends."""
+    cache = tmp_path / "cache"
+    ref, sft_only, from_sft = tmp_path / "uninterrupted", tmp_path / "sft_only", tmp_path / "from_sft"
+    _finish(_start(ref, cache), ref)
+    _finish(_start(sft_only, cache, "reward=none"), sft_only)
+    _finish(_start(from_sft, cache, f"sft.init_from={sft_only}"), from_sft)
+    assert "sft.init_from: starting from the SFT checkpoint" in _log(from_sft)
+    _assert_same_run(ref, from_sft)
+    # other evaluation settings: the SFT weights are taken, the SFT policy is evaluated again on this run's split
+    reeval = tmp_path / "reeval"
+    _finish(_start(reeval, cache, f"sft.init_from={sft_only}", "reward=none", "task.eval_per_type=1"), reeval)
+    assert "evaluating the SFT policy again (this run differs in task.eval_per_type)" in _log(reeval)
+    sft_results = json.loads((sft_only / "results.json").read_text())["summaries"]["sft"]["overall"]
+    assert json.loads((reeval / "results.json").read_text())["summaries"]["sft"]["overall"]["episodes"] == 1
+    assert sft_results["episodes"] == 2
+    # an SFT run with other SFT settings, or a later checkpoint than SFT's, is refused at start
+    for extra, said in ((f"sft.init_from={sft_only}", "sft.lr"), (f"sft.init_from={ref}/checkpoints/cycle_1", "cycle 1")):
+        r = subprocess.run(_cmd(tmp_path / "refused", cache, extra, "sft.lr=0.01" if said == "sft.lr" else "seed=0"),
+                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and said in r.stderr + r.stdout, r.stderr[-2000:]
+        assert not (tmp_path / "refused" / "results.json").exists()

@@ -120,6 +120,8 @@ def test_reflection_arms_on_scienceworld(arm, tmp_path, run_py):
     if arm in ("inverse", "inverse_gae", "inverse_policy_disc"):
         assert cycle["ppo/steps"] >= 1 and cycle["disc/steps_train"] >= 1
         assert 0.0 <= cycle["disc/acc_train"] <= 1.0
+        # D measured on the held-out expert prefixes against the updated policy's greedy actions
+        assert cycle["disc/heldout_pairs"] == 0 or 0.0 <= cycle["disc/acc_heldout"] <= 1.0
         assert len(cycle["step_reward/agent_by_step"]) >= 5
     elif arm in ("outcome", "outcome_gae", "loop"):
         assert cycle["rollout/episodes"] == 3 * 2

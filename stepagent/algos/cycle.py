@@ -71,13 +71,14 @@ def cycle_subset(items: Sequence[Any], n: Optional[int], seed: int, cycle: int) 
 
 
 def heldout_agreement(ctx: CycleContext) -> Dict[str, Any]:
-    """Greedy agreement with the expert on held-out (dev) expert segments."""
+    """Greedy agreement with the expert on held-out (dev) expert segments; "segments": the
+    inspected segments themselves (for the arm's held-out metrics)."""
     if not ctx.heldout:
-        return {"rate": None, "by_step": [], "samples": 0}
+        return {"rate": None, "by_step": [], "samples": 0, "segments": {}}
     segs = inspect(ctx.rollout, ctx.policy.tokenizer, ctx.encoder, ctx.task, ctx.heldout, 1, 0.0,
                    ctx.cfg.policy.max_new_tokens, ctx.cfg.inspection.batch_size, desc="held-out agreement",
                    match=ctx.cfg.inspection.match)
-    return agreement(segs)
+    return {**agreement(segs), "segments": segs}
 
 
 def record_cycle(ctx: CycleContext, cdir: Path, row: Dict[str, Any]) -> None:
@@ -107,6 +108,7 @@ def run_cycles(ctx: CycleContext) -> List[Dict[str, Any]]:
         gen = ctx.rollout.pop_stats().as_row("generation/train")
         held = heldout_agreement(ctx)
         gen.update(ctx.rollout.pop_stats().as_row("generation/heldout"))
+        stats.update(arm.heldout_metrics(held["segments"]) if held["segments"] else {})
         summary = ctx.evaluate(f"eval_cycle_{cycle}")
         row = {
             "cycle": cycle,

@@ -59,6 +59,12 @@ class Arm:
         return the arm's metrics for the cycle row."""
         raise NotImplementedError
 
+    def heldout_metrics(self, segments: Dict[str, List[Any]]) -> Dict[str, Any]:
+        """Metrics of the arm's own learned parts on the held-out (dev) expert segments the driver
+        has just inspected with the updated policy (greedy, one action per expert prefix); e.g.
+        the inverse arm's discriminator accuracy. None by default."""
+        return {}
+
 
 ARMS: Dict[str, Type[Arm]] = {}
 

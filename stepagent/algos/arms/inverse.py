@@ -33,6 +33,7 @@ from stepagent.algos.inverse_reward import by_step_means, inverse_step_rewards, 
 from stepagent.algos.ppo_update import (PPOSample, fill_old_logprobs, ppo_optimizer, ppo_step_on_samples, ppo_update,
                                         set_one_step_gae, value_head_for)
 from stepagent.algos.registry import Arm, register_arm, sft_reference
+from stepagent.config import disc_backbone_of
 from stepagent.train.engine import train_engine
 from stepagent.train.ppo import drop_small_advantages, loo_advantages
 
@@ -48,7 +49,7 @@ class InverseArm(Arm):
         # the policy (+ the value head with ppo.advantage=gae, kept on ctx.value_head): one optimizer
         self.opt = ppo_optimizer(model, cfg.ppo, value_head_for(ctx))
         torch.manual_seed(cfg.seed)
-        self.backbone = str(rcfg.disc_backbone)
+        self.backbone = disc_backbone_of(rcfg, cfg.policy.kind)  # auto: policy for tiny, encoder for hf
         if self.backbone == "policy":  # the SFT policy's features: a copy of its decoder + a head
             self.disc = Discriminator.from_policy(model, ctx.policy.tokenizer, config_from_reward(rcfg))
         else:  # a separate small encoder
@@ -59,6 +60,16 @@ class InverseArm(Arm):
         self.disc_opt = train_engine(self.disc, lr=rcfg.disc_lr)  # its own DeepSpeed engine under deepspeed=...
         self.train_state = {"policy_optimizer": self.opt, "discriminator": self.disc,
                             "discriminator_optimizer": self.disc_opt, "value_head": ctx.value_head}
+
+    def heldout_metrics(self, segments) -> Dict[str, Any]:
+        """D's accuracy on held-out (dev) expert prefixes, expert action vs the updated policy's greedy
+        action where they differ (a pair it never trained on): disc/acc_heldout, the convergence proxy."""
+        expert_pairs, agent_pairs = build_pairs(self.ctx.encoder, self.ctx.heldout, segments,
+                                                self.ctx.cfg.reward.disc_max_len)
+        if not agent_pairs:  # the greedy policy matches the expert at every held-out prefix
+            return {"disc/heldout_pairs": 0}
+        acc = accuracy(self.disc, expert_pairs, agent_pairs)
+        return {**{f"disc/{k}_heldout": v for k, v in acc.items()}, "disc/heldout_pairs": len(agent_pairs)}
 
     def step(self, cycle: int, subset: List[Any], cdir: Path) -> Dict[str, Any]:
         ctx, cfg, rcfg, pcfg = self.ctx, self.ctx.cfg, self.ctx.cfg.reward, self.ctx.cfg.ppo
