@@ -203,3 +203,12 @@ def test_policy_backbone_discriminator_starts_from_the_policy_and_separates_shuf
     assert st["steps"] > 0 and after["acc"] >= 0.9, (st, after)
     assert all(torch.equal(v, policy.state_dict()[k]) for k, v in before.items())  # the policy is untouched
     assert any(not torch.equal(v, dec[k]) for k, v in disc.encoder.state_dict().items())  # D's copy trained
+
+
+def test_disc_backbone_auto_picks_the_policy_copy_for_tiny_and_the_encoder_for_hf():
+    from stepagent.config import InverseRewardConfig, disc_backbone_of
+
+    assert InverseRewardConfig().disc_backbone == "auto"
+    assert disc_backbone_of(InverseRewardConfig(), "tiny") == "policy"
+    assert disc_backbone_of(InverseRewardConfig(), "hf") == "encoder"
+    assert disc_backbone_of(InverseRewardConfig(disc_backbone="encoder"), "tiny") == "encoder"

@@ -91,12 +91,14 @@ def test_implicit_cycle_on_scienceworld(tmp_path, run_py):
 
 
 ARMS = {
-    "inverse": ["reward=inverse", "reward.disc_hidden_size=32", "reward.disc_num_layers=1", "ppo.epochs=1"],
+    "inverse": ["reward=inverse", "reward.disc_backbone=encoder", "reward.disc_hidden_size=32", "reward.disc_num_layers=1",
+                "ppo.epochs=1"],
     "outcome": ["reward=outcome", "ppo.epochs=1"],
     "outcome_gae": ["reward=outcome", "ppo.advantage=gae", "ppo.epochs=1"],
-    "inverse_gae": ["reward=inverse", "reward.disc_hidden_size=32", "reward.disc_num_layers=1", "ppo.epochs=1",
-                    "ppo.advantage=gae"],
-    "inverse_policy_disc": ["reward=inverse", "reward.disc_backbone=policy", "ppo.epochs=1"],
+    "inverse_gae": ["reward=inverse", "reward.disc_backbone=encoder", "reward.disc_hidden_size=32",
+                    "reward.disc_num_layers=1", "ppo.epochs=1", "ppo.advantage=gae"],
+    # the default for the tiny policy: auto = D on a copy of the SFT policy's decoder
+    "inverse_policy_disc": ["reward=inverse", "ppo.epochs=1"],
     "loop": ["algo=loop", "inspection.samples_per_state=2", "ppo.epochs=1"],
     "eto": ["algo=eto"],
 }
