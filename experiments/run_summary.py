@@ -45,7 +45,7 @@ SCHEMA = 1
 # The settings a settings grid (experiments/sweeps/*_grid.txt, ``variant=...``) varies: kept in the
 # summary's ``config`` (those the run's config has), the columns of the report's grid table.
 GRID_KEYS = ("reward.beta", "reward.lr", "reward.nll_weight", "ppo.lr", "reward.disc_lr", "reward.disc_epochs",
-             "reward.disc_backbone")
+             "reward.disc_backbone", "algo.lr", "algo.beta")
 
 
 # ----------------------------------------------------------------------------- config
