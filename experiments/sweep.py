@@ -198,6 +198,42 @@ def status(run_dir: Path, summary: Optional[Path]) -> str:
     return "todo"
 
 
+def init_from_of(overrides: List[str]) -> Optional[Path]:
+    """The ``sft.init_from=PATH`` of a line, absolute (relative to the working directory), or None."""
+    for o in overrides:
+        if o.startswith("sft.init_from="):
+            path = Path(o.split("=", 1)[1])
+            return path if path.is_absolute() else Path.cwd() / path
+    return None
+
+
+def has_sft_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a complete SFT-stage checkpoint (what ``sft.init_from`` reads)."""
+    from stepagent.checkpoint import complete_checkpoints
+
+    for _, ckpt in complete_checkpoints(run_dir) if run_dir.is_dir() else []:
+        state = read_json(ckpt / "state.json") or {}
+        if state.get("stage") == "sft" and int(state.get("cycle", 0)) == 0:
+            return True
+    return False
+
+
+def sft_lines_to_rerun(planned: Dict[int, Tuple[Path, bool]], overrides: Dict[int, List[str]]) -> Dict[int, List[int]]:
+    """Lines to run again although their summary exists: the SFT runs whose checkpoint a line still to
+    run starts from (``sft.init_from``) but which this machine does not have (a later session on a
+    fresh machine). -> {SFT line: the lines waiting for it}. ``planned``: line -> (run dir, done)."""
+    by_dir = {d.resolve(): i for i, (d, _) in planned.items()}
+    out: Dict[int, List[int]] = {}
+    for i, (_, done) in planned.items():
+        src = init_from_of(overrides[i])
+        if done or src is None or has_sft_checkpoint(src):
+            continue
+        j = by_dir.get(src.resolve())
+        if j is not None and j != i:
+            out.setdefault(j, []).append(i)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep", type=Path)
@@ -234,14 +270,29 @@ def main(argv=None) -> int:
         env.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
         env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "100")
     failed, received = [], []
+    planned: Dict[int, Tuple[Path, Dict[str, Any]]] = {}
+    for i, line in enumerate(lines):
+        try:
+            planned[i] = plan([*line, *args.overrides])
+        except HydraException as e:  # a bad override fails here, before any run starts
+            raise SystemExit(f"[{i}] {' '.join([*line, *args.overrides])}: {e}") from None
+
+    def summary_of(i: int) -> Optional[Path]:
+        return args.summaries / summary_name(planned[i][1]) if args.summaries is not None else None
+
+    rerun = sft_lines_to_rerun({i: (d, status(d, summary_of(i)) == "done") for i, (d, _) in planned.items()},
+                               {i: [*line, *args.overrides] for i, line in enumerate(lines)})
     for i, line in todo:
         overrides = [*line, *args.overrides]
-        try:
-            run_dir, ident = plan(overrides)
-        except HydraException as e:  # a bad override fails here, before any run starts
-            raise SystemExit(f"[{i}] {' '.join(overrides)}: {e}") from None
-        summary = args.summaries / summary_name(ident) if args.summaries is not None else None
+        run_dir, ident = planned[i]
+        summary = summary_of(i)
         state = status(run_dir, summary)
+        if state == "done" and i in rerun and not args.list:
+            # its summary was committed by an earlier session, but lines still to run start from its
+            # checkpoint: run it again (its summary is rewritten, so the arms pair with this SFT)
+            print(f"[{i}] summarised already, but lines {rerun[i]} start from its SFT checkpoint, which is not "
+                  f"on this machine ({run_dir}): running it again", flush=True)
+            state = "todo"
         extra = {"file": str(args.sweep), "line": i, "overrides": overrides}
         if args.list:
             print(f"{i:3d}  {state:4s}  {run_dir}  {' '.join(overrides)}")

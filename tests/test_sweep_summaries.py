@@ -471,3 +471,15 @@ def test_sweep_commit_outside_git_warns_and_continues(tmp_path, sweep_env, capsy
     assert sweep.main([str(sweep_file), "--python", str(fake), "--summaries", str(tmp_path / "s"), "--commit"]) == 0
     assert capsys.readouterr().err.count("could not commit") == 2
     assert len(list((tmp_path / "s").glob("*.json"))) == 2
+
+
+def test_a_summarised_sft_line_runs_again_when_arms_still_to_run_need_its_missing_checkpoint(tmp_path):
+    """A later session on a fresh machine: SFT's summary is committed but its run dir is gone, and the
+    arms of that seed still to run start from it (sft.init_from): the SFT line is run again."""
+    sft_lines_to_rerun = load("sweep").sft_lines_to_rerun
+
+    sft, arm, done_arm = tmp_path / "sft_s2", tmp_path / "implicit_s2", tmp_path / "loop_s2"
+    planned = {0: (sft, True), 1: (arm, False), 2: (done_arm, True)}
+    overrides = {0: ["arm=sft"], 1: [f"sft.init_from={sft}"], 2: [f"sft.init_from={sft}"]}
+    assert sft_lines_to_rerun(planned, overrides) == {0: [1]}
+    assert sft_lines_to_rerun({**planned, 1: (arm, True)}, overrides) == {}  # nothing left that needs it
