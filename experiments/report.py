@@ -596,6 +596,15 @@ def _curve_mean(curves: List[List[Optional[float]]]) -> List[float]:
     return out
 
 
+def save_figure(fig, path: Path) -> None:
+    """Every plot ends the same way: tight layout, PNG at 90 dpi, the figure closed (Agg keeps them open)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def plot_eval_by_cycle(runs: Sequence[Run], path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -626,9 +635,7 @@ def plot_eval_by_cycle(runs: Sequence[Run], path: Path) -> None:
         ax.set_title(col)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_step_reward_curves(runs: Sequence[Run], path: Path) -> bool:
@@ -655,9 +662,7 @@ def plot_step_reward_curves(runs: Sequence[Run], path: Path) -> bool:
         ax.set_ylabel("mean step reward")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -698,9 +703,7 @@ def plot_cycle_metric(runs: Sequence[Run], keys: Sequence[Tuple[str, str]], path
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -747,9 +750,7 @@ def plot_paired_differences(cells: Sequence[Cell], path: Path) -> bool:
         ax.set_title(col)
         ax.grid(axis="x", alpha=0.3)
         ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=2, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -791,9 +792,7 @@ def plot_disc_accuracy(runs: Sequence[Run], path: Path) -> bool:
         ax.set_title(group_label(group))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -915,9 +914,7 @@ def plot_grid(cells: Sequence[Cell], runs: Sequence[Run], path: Path) -> bool:
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
