@@ -487,6 +487,9 @@ class PolicyConfig(Checked):
     max_new_tokens: int = 32  # per action; >= 1 and < max_seq_len
     max_observation_chars: int = 2000  # truncation rule step 1, see stepagent/agent/prompts.py
     use_task_preamble: bool = True  # put the task's action-syntax description in a system message
+    # repeat the task's goal (the first paragraph of its text) after every observation, so the goal
+    # sits next to each action instead of only in the first message (stepagent/agent/prompts.py)
+    goal_reminder: bool = False
 
     def check(self) -> None:
         self._at_least_one("max_seq_len", "max_new_tokens", "max_observation_chars")

@@ -103,6 +103,7 @@ def make_encoder(policy: Policy, cfg, task: Task, frame: Optional[PromptFrame] =
         max_observation_chars=cfg.policy.max_observation_chars,
         preamble=task.preamble() if cfg.policy.use_task_preamble and not own_instruction else "",
         frame=frame,
+        goal_reminder=bool(getattr(cfg.policy, "goal_reminder", False)),
     )
 
 
