@@ -149,6 +149,14 @@ class ScoreRule(Choice):
     final = "final"  # the score when the episode ends, negative counted as 0 (÷100)
 
 
+class GoldNoops(Choice):
+    """task.gold_noops (ScienceWorld): what the built expert does with gold-path actions that change
+    nothing ("open door to X" when the door is already open, as it always is under ``easy``)."""
+
+    keep = "keep"  # the simulator's gold path as it is
+    drop = "drop"  # leave them out of the expert trajectory: the same solution in fewer steps
+
+
 class Variations(Choice):
     """task.variations (ScienceWorld): which variations the splits hold."""
 
@@ -371,6 +379,9 @@ class ScienceWorldTaskConfig(TaskConfig):
     variations: Variations = Variations.eto
     dev_per_type: Optional[int] = None  # cap on dev instances per type (null: eval_per_type)
     test_per_type: Optional[int] = None  # cap on test instances per type (null: eval_per_type)
+    # keep: the gold path as the simulator gives it | drop: without its no-op actions ("open door to X"
+    # on an open door: a third of the find-* gold steps), so the expert fits ETO's step limits with room
+    gold_noops: GoldNoops = GoldNoops.keep
 
     def check(self) -> None:
         super().check()
@@ -476,6 +487,9 @@ class PolicyConfig(Checked):
     max_new_tokens: int = 32  # per action; >= 1 and < max_seq_len
     max_observation_chars: int = 2000  # truncation rule step 1, see stepagent/agent/prompts.py
     use_task_preamble: bool = True  # put the task's action-syntax description in a system message
+    # repeat the task's goal (the first paragraph of its text) after every observation, so the goal
+    # sits next to each action instead of only in the first message (stepagent/agent/prompts.py)
+    goal_reminder: bool = False
 
     def check(self) -> None:
         self._at_least_one("max_seq_len", "max_new_tokens", "max_observation_chars")

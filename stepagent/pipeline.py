@@ -8,6 +8,7 @@ the arm the config names (``algos/registry.py``); the SFT baseline runs none.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -103,6 +104,7 @@ def make_encoder(policy: Policy, cfg, task: Task, frame: Optional[PromptFrame] =
         max_observation_chars=cfg.policy.max_observation_chars,
         preamble=task.preamble() if cfg.policy.use_task_preamble and not own_instruction else "",
         frame=frame,
+        goal_reminder=bool(getattr(cfg.policy, "goal_reminder", False)),
     )
 
 
@@ -165,6 +167,24 @@ SFT_EVAL_KEYS = ("eval", "task.eval_per_type", "task.dev_per_type", "task.test_p
 SFT_FREE_KEYS = ("sft.init_from", "eval.final_splits", "eval.before_sft", "task.num_workers", "task.step_timeout_s")
 
 
+def _at_schema_default(cfg, key: str) -> bool:
+    """Whether ``cfg``'s value of the dotted ``task.*`` / ``policy.*`` ``key`` equals its schema's default
+    (False for any other key, or a key the schema does not know)."""
+    from stepagent.config import POLICY_SCHEMAS, TASK_SCHEMAS
+
+    group, _, field = key.partition(".")
+    node = cfg.get(group) if group in ("task", "policy") else None
+    if node is None or "." in field:
+        return False
+    schemas = TASK_SCHEMAS if group == "task" else POLICY_SCHEMAS
+    schema = schemas.get(str(node.get("name" if group == "task" else "kind")))
+    if schema is None or field not in getattr(schema, "__dataclass_fields__", {}):
+        return False
+    f = schema.__dataclass_fields__[field]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return node.get(field) == default
+
+
 def _under(key: str, prefixes: Tuple[str, ...]) -> bool:
     return any(key == f or key.startswith(f + ".") for f in prefixes)
 
@@ -187,8 +207,10 @@ def sft_checkpoint(cfg) -> Checkpoint:
         raise ConfigError(f"sft.init_from={cfg.sft.init_from}: {found.path} is the checkpoint of stage "
                           f"{found.meta.get('stage')!r} (cycle {found.cycle}), not of SFT")
     saved = _flat(found.meta.get("config") or {})
-    # a key the checkpoint's config lacks is newer than that run: its default reproduces the old behaviour
-    changed = [k for k in config_changes(found.meta.get("config"), cfg) if k in saved and not _under(k, SFT_FREE_KEYS)]
+    # a key the checkpoint's config lacks is newer than that run: unchanged if this run keeps it at its
+    # schema default (which reproduces the old behaviour), changed otherwise
+    changed = [k for k in config_changes(found.meta.get("config"), cfg)
+               if (k in saved or not _at_schema_default(cfg, k)) and not _under(k, SFT_FREE_KEYS)]
     evaluated = [k for k in changed if _under(k, SFT_EVAL_KEYS)]
     differ = [k for k in changed if _under(k, SFT_KEYS) and k not in evaluated]
     if differ:

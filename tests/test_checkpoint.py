@@ -338,6 +338,15 @@ def test_sft_init_from_starts_an_arm_from_another_runs_sft_as_if_it_had_trained_
     sft_results = json.loads((sft_only / "results.json").read_text())["summaries"]["sft"]["overall"]
     assert json.loads((reeval / "results.json").read_text())["summaries"]["sft"]["overall"]["episodes"] == 1
     assert sft_results["episodes"] == 2
+    # a key newer than the SFT run (absent from its saved config) counts as unchanged only at its schema
+    # default: an SFT trained without the goal reminder does not start an arm that prompts with it
+    state = sft_only / "checkpoints" / "sft" / "state.json"
+    meta = json.loads(state.read_text())
+    del meta["config"]["policy"]["goal_reminder"]
+    state.write_text(json.dumps(meta))
+    r = subprocess.run(_cmd(tmp_path / "refused", cache, f"sft.init_from={sft_only}", "policy.goal_reminder=true"),
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "policy.goal_reminder" in r.stderr + r.stdout, r.stderr[-2000:]
     # an SFT run with other SFT settings, or a later checkpoint than SFT's, is refused at start
     for extra, said in ((f"sft.init_from={sft_only}", "sft.lr"), (f"sft.init_from={ref}/checkpoints/cycle_1", "cycle 1")):
         r = subprocess.run(_cmd(tmp_path / "refused", cache, extra, "sft.lr=0.01" if said == "sft.lr" else "seed=0"),

@@ -52,6 +52,30 @@ def test_state_prompt_is_prefix_of_training_sequence(tiny_tokenizer, sample_traj
         assert full.input_ids[n : n + len(a)] == a
 
 
+def test_goal_reminder_follows_every_observation_in_training_and_inference(tiny_tokenizer, sample_trajectory):
+    tok, t = tiny_tokenizer, sample_trajectory
+    plain = PromptEncoder(tok, max_prompt_tokens=4096)
+    enc = PromptEncoder(tok, max_prompt_tokens=4096, goal_reminder=True)
+    obs = [s.observation for s in t.steps]
+    goal = t.instruction.split("\n\n")[0]
+    assert goal and "\n\n" not in goal
+    # the same conversation as the plain encoder's, each observation with the goal appended
+    reminded = [o + "\n\nYour goal: " + goal for o in obs]
+    (e,) = enc.encode_trajectory(t.instruction, t.actions, obs, max_len=4096)
+    (expected,) = plain.encode_trajectory(t.instruction, t.actions, reminded, max_len=4096)
+    assert e.input_ids == expected.input_ids and e.action_mask == expected.action_mask
+    assert e.input_ids != plain.encode_trajectory(t.instruction, t.actions, obs, max_len=4096)[0].input_ids
+    # inference at every step is a prefix of that training sequence (the goal is the first paragraph only)
+    for step in range(len(t.actions)):
+        state = enc.encode_state(t.instruction, t.actions[:step], obs[:step])
+        assert e.input_ids[: len(state.input_ids)] == state.input_ids
+        assert tok.decode(state.input_ids).count("Your goal: ") == step
+    # the reminder survives observation clipping (it is added after the clip)
+    short = PromptEncoder(tok, max_prompt_tokens=4096, max_observation_chars=5, goal_reminder=True)
+    text = tok.decode(short.encode_state(t.instruction, t.actions[:2], obs[:2]).input_ids)
+    assert text.count("[...]\n\nYour goal: " + goal) == 2
+
+
 def test_truncation_drops_oldest_turns(tiny_tokenizer):
     enc = PromptEncoder(tiny_tokenizer, max_prompt_tokens=120, max_observation_chars=60)
     actions = [f"go to kitchen {i}" for i in range(30)]

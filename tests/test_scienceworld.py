@@ -21,6 +21,7 @@ from stepagent.envs.pool import EnvPool
 from stepagent.envs.scienceworld import (
     DEFAULT_DATA_DIR,
     INVALID_ACTION_MSG,
+    NOOP_OBSERVATIONS,
     ScienceWorldTask,
     ScienceWorldTextEnv,
     eto_to_package_name,
@@ -119,6 +120,17 @@ def test_simulator_variations_table_matches_the_installed_simulator():
     assert read_simulator_variations() == simulator_variations()
 
 
+def test_gold_noops_is_in_the_expert_cache_key_only_when_it_drops(tmp_path):
+    keep, drop = sw_task(), sw_task(gold_noops="drop")
+    # keep (the default) hashes as before the field existed: caches built earlier stay valid
+    assert expert_cache_path(keep, "train", tmp_path).name == "train-565a3e814d.jsonl"
+    assert expert_cache_path(drop, "train", tmp_path) != expert_cache_path(keep, "train", tmp_path)
+    with pytest.raises(Exception, match="gold_noops"):
+        OmegaConf.structured(ScienceWorldTaskConfig(gold_noops="sometimes"))
+    with pytest.raises(ValueError, match="gold_noops"):
+        ScienceWorldTextEnv(gold_noops="sometimes")
+
+
 def test_env_factory_is_picklable_and_preamble():
     task = sw_task(simplification="easy", env_step_limit=50)
     env = pickle.loads(pickle.dumps(task.env_factory()))()
@@ -148,16 +160,25 @@ def test_invalid_action_step_limit_and_close():
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
-def test_expert_trajectories_replay_to_full_score(tmp_path):
-    """Experts of three find-* types, built by the pool, replayed by a fresh pool via step_batch."""
+@pytest.mark.parametrize("gold_noops", ["keep", "drop"])
+def test_expert_trajectories_replay_to_full_score(tmp_path, gold_noops):
+    """Experts of three find-* types, built by the pool, replayed by a fresh pool via step_batch.
+    With gold_noops=drop the recorded path (no "open door" on an open door) replays just the same."""
     # max_steps=50: some find-* gold paths are longer than ETO's limit of 15.
-    task = sw_task(task_types=["find-animal", "find-plant", "find-non-living-thing"], eval_per_type=1, max_steps=50)
+    task = sw_task(task_types=["find-animal", "find-plant", "find-non-living-thing"], eval_per_type=1, max_steps=50,
+                   gold_noops=gold_noops)
     insts = task.instances("dev")
     experts = load_or_build_experts(task, "dev", tmp_path, num_workers=2, progress=False)
     assert [t.id for t in experts] == [i.id for i in insts]  # instance order, all kept
     for traj in experts:
         assert traj.reward == 1.0 and traj.source == "expert" and traj.task == "scienceworld"
         assert traj.meta["split"] == "dev" and str(traj.meta["variation"]) == traj.id.rsplit("/", 1)[1]
+    noops = [sum(s.observation in NOOP_OBSERVATIONS for s in traj.steps) for traj in experts]
+    dropped = [traj.meta["gold_noops_dropped"] for traj in experts]
+    if gold_noops == "drop":
+        assert sum(noops) == 0 and sum(dropped) > 0
+    else:
+        assert sum(noops) > 0 and sum(dropped) == 0
 
     with EnvPool(task.env_factory(), num_workers=3) as pool:
         starts = pool.reset_batch(list(enumerate(insts)))

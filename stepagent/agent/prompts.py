@@ -39,6 +39,13 @@ longer than ``max_prompt_tokens``:
      ``max_prompt_tokens`` tokens.
 The frame (instruction file, example) is never clipped or dropped: it is fixed text the user
 chose, and an encoder whose frame alone does not fit ``max_prompt_tokens`` is an error.
+
+Goal reminder (``goal_reminder=True``, config ``policy.goal_reminder``): every observation message
+ends with ``GOAL_PREFIX`` + the task's goal, the first paragraph of its text (ScienceWorld: the
+task description; the rest is the first look around). A small policy trained from scratch learns
+the route and ignores a goal that only the first message states (experiments/goal_following.py);
+with the goal beside every action it needs no long-range attention to read it. The reminder is
+added after clipping, in training and at inference alike, and is never clipped itself.
 """
 
 from __future__ import annotations
@@ -57,6 +64,12 @@ ETO_ACK = "OK"
 ETO_EXAMPLE_HEAD = "Here is an example."
 ETO_YOUR_TURN = "Now, it's your turn and here is the task."
 OBSERVATION_PREFIX = "Observation: "
+GOAL_PREFIX = "\n\nYour goal: "
+
+
+def goal_of(task_text: str) -> str:
+    """The first paragraph of a task's text (its goal sentence(s))."""
+    return task_text.strip().split("\n\n", 1)[0].strip()
 
 
 @dataclass
@@ -184,8 +197,10 @@ class PromptEncoder:
         max_observation_chars: int = 2000,
         preamble: str = "",
         frame: Optional[PromptFrame] = None,
+        goal_reminder: bool = False,
     ):
         self.tok = tokenizer
+        self.goal_reminder = goal_reminder
         self.max_prompt_tokens = max_prompt_tokens
         self.max_observation_chars = max_observation_chars
         self.preamble = preamble
@@ -277,6 +292,14 @@ class PromptEncoder:
     def _clip(self, text: str, limit: int) -> str:
         return text if len(text) <= limit else text[:limit] + " [...]"
 
+    def _observations(self, instruction: str, observations: Sequence[str]) -> List[str]:
+        """Clipped observations, each followed by the goal reminder when it is on."""
+        obs = [self._clip(o, self.max_observation_chars) for o in observations]
+        if self.goal_reminder:
+            reminder = GOAL_PREFIX + goal_of(self._task(instruction))
+            obs = [o + reminder for o in obs]
+        return obs
+
     def encode_state(
         self,
         instruction: str,
@@ -291,7 +314,7 @@ class PromptEncoder:
         """
         limit = max_prompt_tokens or self.max_prompt_tokens
         assert len(actions) == len(observations), "a state has one observation per past action"
-        obs = [self._clip(o, self.max_observation_chars) for o in observations]
+        obs = self._observations(instruction, observations)
         instr = self._clip(self._task(instruction), 2 * self.max_observation_chars)
         dropped = 0
         while True:
@@ -325,7 +348,7 @@ class PromptEncoder:
         in the loss mask. Otherwise each step becomes its own sequence: the truncated
         state exactly as inference would build it, followed by the action.
         """
-        obs = [self._clip(o, self.max_observation_chars) for o in observations]
+        obs = self._observations(instruction, observations)
         instr = self._clip(self._task(instruction), 2 * self.max_observation_chars)
         msgs = self._messages(instr, actions, obs[: len(actions) - 1])
         full = self.encode_messages(msgs, add_generation_prompt=False)

@@ -71,7 +71,8 @@ def expert_cache_key(task: Task) -> str:
     if fields is None:
         relevant = {k: v for k, v in cfg.items() if k not in _RUN_ONLY_FIELDS}
     else:
-        relevant = {k: cfg.get(k) for k in fields}
+        defaults = getattr(task, "expert_cache_defaults", {})
+        relevant = {k: cfg.get(k) for k in fields if not (k in defaults and cfg.get(k) == defaults[k])}
     blob = json.dumps(
         {"task": task.name, "format": CACHE_FORMAT_VERSION, "cfg": relevant}, sort_keys=True, default=str
     )

@@ -31,6 +31,11 @@ REPO_ROOT = Path(stepagent.__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT / "data" / "scienceworld"
 SPLITS = ("train", "dev", "test")
 INVALID_ACTION_MSG = "No known action matches that input."
+# Observations of gold-path actions that change nothing (task.gold_noops=drop leaves them out of the
+# expert). Under ``easy`` every door starts open, yet the gold paths open each door before walking
+# through it: a third of the find-* gold steps.
+NOOP_OBSERVATIONS = frozenset({"The door is already open."})
+GOLD_NOOPS = ("keep", "drop")
 
 _ETO_PREFIX = re.compile(r"^task-\d+[a-z]?-")
 # ETO spells "mendelian" with two l's; the package does not.
@@ -151,7 +156,9 @@ Reply with one action."""
 @register_task("scienceworld")
 class ScienceWorldTask(Task):
     # Config fields an expert trajectory depends on (the expert cache key, see stepagent.data.experts).
-    expert_cache_fields: Tuple[str, ...] = ("simplification", "env_step_limit")
+    expert_cache_fields: Tuple[str, ...] = ("simplification", "env_step_limit", "gold_noops")
+    # A field at this value is left out of the cache key, so caches built before it existed stay valid.
+    expert_cache_defaults: Dict[str, Any] = {"gold_noops": "keep"}
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
@@ -236,6 +243,7 @@ class ScienceWorldTask(Task):
             ScienceWorldTextEnv,
             simplification=str(_cfg_get(self.cfg, "simplification", "easy")),
             env_step_limit=int(_cfg_get(self.cfg, "env_step_limit", 100)),
+            gold_noops=str(_cfg_get(self.cfg, "gold_noops", "keep")),
         )
 
     def preamble(self) -> str:
@@ -276,9 +284,12 @@ def _short(e: BaseException, limit: int = 200) -> str:
 class ScienceWorldTextEnv(TextEnv):
     """One ScienceWorld simulator (one JVM), playing one episode at a time."""
 
-    def __init__(self, simplification: str = "easy", env_step_limit: int = 100):
+    def __init__(self, simplification: str = "easy", env_step_limit: int = 100, gold_noops: str = "keep"):
+        if gold_noops not in GOLD_NOOPS:
+            raise ValueError(f"gold_noops must be one of {GOLD_NOOPS}, got {gold_noops!r}")
         self.simplification = simplification
         self.env_step_limit = env_step_limit
+        self.gold_noops = gold_noops
         self._sim: Any = None  # scienceworld.ScienceWorldEnv, started on first use
         self._instance: Optional[TaskInstance] = None
         self._steps = 0
@@ -346,6 +357,9 @@ class ScienceWorldTextEnv(TextEnv):
 
         The replay stops at ``done`` (gold paths may carry actions past completion, e.g.
         ``wait1``). It is not cut at ``instance.max_steps``: the expert shows a full solution.
+        With ``gold_noops="drop"`` an action whose observation is a no-op (``NOOP_OBSERVATIONS``)
+        is played but not recorded: it changed nothing, so the recorded actions replayed on a
+        fresh load reach the same states and full score (tests check this).
         """
         self._instance = None
         java_errors = _java_error_types()
@@ -360,8 +374,14 @@ class ScienceWorldTextEnv(TextEnv):
         steps: List[Step] = []
         score, done = 0, False
         try:
+            dropped = 0
             for action in gold:
                 obs, score, done, _ = self._raw_step(action)
+                # (The score may rise at a no-op: the simulator credits subgoals already met at
+                # whichever step comes next, so the following action collects it instead.)
+                if self.gold_noops == "drop" and obs in NOOP_OBSERVATIONS and not done:
+                    dropped += 1
+                    continue
                 steps.append(Step(action=action, observation=obs))
                 if done:
                     break
@@ -380,7 +400,8 @@ class ScienceWorldTextEnv(TextEnv):
             steps=steps,
             reward=1.0,
             source="expert",
-            meta={"variation": int(instance.index), "split": instance.split, "max_steps": instance.max_steps},
+            meta={"variation": int(instance.index), "split": instance.split, "max_steps": instance.max_steps,
+                  "gold_noops_dropped": dropped},
         )
 
     def close(self) -> None:
