@@ -35,7 +35,7 @@ BOX_ROOMS = ("bathroom", "bedroom", "kitchen", "living room", "workshop")
 COLOURS = ("blue", "green", "orange", "purple", "red", "yellow")
 
 
-def goal_of(task_text: str) -> Tuple[str, str]:
+def box_target(task_text: str) -> Tuple[str, str]:
     """(colour, room) of a find-* task text; ValueError for a task without that sentence."""
     m = GOAL.search(task_text)
     if m is None:
@@ -112,7 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for ep in episodes:
                 if not ep["task_type"].startswith("find-"):
                     continue
-                colour, room = goal_of(texts(ep["id"], args.split))
+                colour, room = box_target(texts(ep["id"], args.split))
                 rows.append(episode_follows(ep["actions"], colour, room))
                 won.append(bool(ep["won"]))
             r = rates(rows, won)

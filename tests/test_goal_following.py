@@ -17,9 +17,9 @@ _spec.loader.exec_module(gf)
 def test_goal_and_episode_rates_by_hand():
     text = ("Your task is to find a(n) animal. First, focus on the thing. Then, move it to the red box in the "
             "living room.\n\nThis room is called the hallway.")
-    assert gf.goal_of(text) == ("red", "living room")
+    assert gf.box_target(text) == ("red", "living room")
     with pytest.raises(ValueError, match="move it to the"):
-        gf.goal_of("Your task is to boil water.")
+        gf.box_target("Your task is to boil water.")
     follows = gf.episode_follows(
         ["go to kitchen", "go to outside", "focus on dove", "go to kitchen", "go to living room",
          "move dove egg in inventory to red box"], "red", "living room")
@@ -42,7 +42,7 @@ def test_script_reads_goals_from_the_simulator(tmp_path):
 
     env = ScienceWorldTextEnv()
     try:
-        colour, room = gf.goal_of(env.reset(TaskInstance("scienceworld", "find-animal", "225", "test", 1)))
+        colour, room = gf.box_target(env.reset(TaskInstance("scienceworld", "find-animal", "225", "test", 1)))
     finally:
         env.close()
     other_room = next(r for r in gf.BOX_ROOMS if r != room)
