@@ -344,6 +344,9 @@ def test_sft_init_from_starts_an_arm_from_another_runs_sft_as_if_it_had_trained_
     meta = json.loads(state.read_text())
     del meta["config"]["policy"]["goal_reminder"]
     state.write_text(json.dumps(meta))
+    manifest = json.loads((state.parent / COMPLETE).read_text())  # the checkpoint stays complete
+    manifest["files"]["state.json"] = state.stat().st_size
+    (state.parent / COMPLETE).write_text(json.dumps(manifest))
     r = subprocess.run(_cmd(tmp_path / "refused", cache, f"sft.init_from={sft_only}", "policy.goal_reminder=true"),
                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "policy.goal_reminder" in r.stderr + r.stdout, r.stderr[-2000:]
