@@ -157,6 +157,14 @@ class GoldNoops(Choice):
     drop = "drop"  # leave them out of the expert trajectory: the same solution in fewer steps
 
 
+class GoldLook(Choice):
+    """task.gold_look (ScienceWorld): whether the built expert looks at a room before focusing on
+    something in it (the simulator's lifespan-* gold paths focus on animals they never looked at)."""
+
+    keep = "keep"  # the simulator's gold path as it is
+    before_focus = "before_focus"  # "look around" before a "focus on" in a room not looked at since arriving
+
+
 class Variations(Choice):
     """task.variations (ScienceWorld): which variations the splits hold."""
 
@@ -382,6 +390,9 @@ class ScienceWorldTaskConfig(TaskConfig):
     # keep: the gold path as the simulator gives it | drop: without its no-op actions ("open door to X"
     # on an open door: a third of the find-* gold steps), so the expert fits ETO's step limits with room
     gold_noops: GoldNoops = GoldNoops.keep
+    # keep | before_focus: "look around" before focusing on something in a room the path walked into
+    # without looking (lifespan-*), so what the expert picks is in an observation, not guessed
+    gold_look: GoldLook = GoldLook.keep
 
     def check(self) -> None:
         super().check()

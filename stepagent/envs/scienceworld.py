@@ -36,6 +36,11 @@ INVALID_ACTION_MSG = "No known action matches that input."
 # through it: a third of the find-* gold steps.
 NOOP_OBSERVATIONS = frozenset({"The door is already open."})
 GOLD_NOOPS = ("keep", "drop")
+# task.gold_look=before_focus: the simulator's gold paths focus on objects in a room they walked into
+# without looking (lifespan-*: "go to outside", "focus on crocodile"), so an imitating agent must guess
+# what is there; the built expert then looks around first, and its choice is read off an observation.
+GOLD_LOOK = ("keep", "before_focus")
+LOOK_ACTION = "look around"
 
 _ETO_PREFIX = re.compile(r"^task-\d+[a-z]?-")
 # ETO spells "mendelian" with two l's; the package does not.
@@ -156,9 +161,9 @@ Reply with one action."""
 @register_task("scienceworld")
 class ScienceWorldTask(Task):
     # Config fields an expert trajectory depends on (the expert cache key, see stepagent.data.experts).
-    expert_cache_fields: Tuple[str, ...] = ("simplification", "env_step_limit", "gold_noops")
+    expert_cache_fields: Tuple[str, ...] = ("simplification", "env_step_limit", "gold_noops", "gold_look")
     # A field at this value is left out of the cache key, so caches built before it existed stay valid.
-    expert_cache_defaults: Dict[str, Any] = {"gold_noops": "keep"}
+    expert_cache_defaults: Dict[str, Any] = {"gold_noops": "keep", "gold_look": "keep"}
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
@@ -244,6 +249,7 @@ class ScienceWorldTask(Task):
             simplification=str(_cfg_get(self.cfg, "simplification", "easy")),
             env_step_limit=int(_cfg_get(self.cfg, "env_step_limit", 100)),
             gold_noops=str(_cfg_get(self.cfg, "gold_noops", "keep")),
+            gold_look=str(_cfg_get(self.cfg, "gold_look", "keep")),
         )
 
     def preamble(self) -> str:
@@ -284,12 +290,16 @@ def _short(e: BaseException, limit: int = 200) -> str:
 class ScienceWorldTextEnv(TextEnv):
     """One ScienceWorld simulator (one JVM), playing one episode at a time."""
 
-    def __init__(self, simplification: str = "easy", env_step_limit: int = 100, gold_noops: str = "keep"):
+    def __init__(self, simplification: str = "easy", env_step_limit: int = 100, gold_noops: str = "keep",
+                 gold_look: str = "keep"):
         if gold_noops not in GOLD_NOOPS:
             raise ValueError(f"gold_noops must be one of {GOLD_NOOPS}, got {gold_noops!r}")
+        if gold_look not in GOLD_LOOK:
+            raise ValueError(f"gold_look must be one of {GOLD_LOOK}, got {gold_look!r}")
         self.simplification = simplification
         self.env_step_limit = env_step_limit
         self.gold_noops = gold_noops
+        self.gold_look = gold_look
         self._sim: Any = None  # scienceworld.ScienceWorldEnv, started on first use
         self._instance: Optional[TaskInstance] = None
         self._steps = 0
@@ -359,7 +369,10 @@ class ScienceWorldTextEnv(TextEnv):
         ``wait1``). It is not cut at ``instance.max_steps``: the expert shows a full solution.
         With ``gold_noops="drop"`` an action whose observation is a no-op (``NOOP_OBSERVATIONS``)
         is played but not recorded: it changed nothing, so the recorded actions replayed on a
-        fresh load reach the same states and full score (tests check this).
+        fresh load reach the same states and full score (tests check this). With
+        ``gold_look="before_focus"`` a "look around" is played and recorded before a "focus on"
+        in a room the path has not looked at since it arrived (the opening look counts for the
+        start room): looking changes nothing in the world, so the path still reaches full score.
         """
         self._instance = None
         java_errors = _java_error_types()
@@ -373,9 +386,20 @@ class ScienceWorldTextEnv(TextEnv):
 
         steps: List[Step] = []
         score, done = 0, False
+        dropped = added = 0
+        looked_here = True  # _load made the opening look
         try:
-            dropped = 0
             for action in gold:
+                if action.startswith("go to"):
+                    looked_here = False
+                elif action == LOOK_ACTION:
+                    looked_here = True
+                elif action.startswith("focus on") and not looked_here and self.gold_look == "before_focus":
+                    obs, score, done, _ = self._raw_step(LOOK_ACTION)
+                    steps.append(Step(action=LOOK_ACTION, observation=obs))
+                    added, looked_here = added + 1, True
+                    if done:
+                        break
                 obs, score, done, _ = self._raw_step(action)
                 # (The score may rise at a no-op: the simulator credits subgoals already met at
                 # whichever step comes next, so the following action collects it instead.)
@@ -401,7 +425,7 @@ class ScienceWorldTextEnv(TextEnv):
             reward=1.0,
             source="expert",
             meta={"variation": int(instance.index), "split": instance.split, "max_steps": instance.max_steps,
-                  "gold_noops_dropped": dropped},
+                  "gold_noops_dropped": dropped, "gold_looks_added": added},
         )
 
     def close(self) -> None:
