@@ -131,6 +131,21 @@ def test_gold_noops_is_in_the_expert_cache_key_only_when_it_drops(tmp_path):
         ScienceWorldTextEnv(gold_noops="sometimes")
 
 
+def test_gold_look_is_in_the_expert_cache_key_only_when_it_looks(tmp_path):
+    keep, look = sw_task(), sw_task(gold_look="before_focus")
+    assert expert_cache_path(keep, "train", tmp_path).name == "train-565a3e814d.jsonl"  # as before the field
+    assert expert_cache_path(look, "train", tmp_path) != expert_cache_path(keep, "train", tmp_path)
+    both = sw_task(gold_look="before_focus", gold_noops="drop")
+    assert expert_cache_path(both, "train", tmp_path) not in {
+        expert_cache_path(look, "train", tmp_path), expert_cache_path(sw_task(gold_noops="drop"), "train", tmp_path)}
+    with pytest.raises(Exception, match="gold_look"):
+        OmegaConf.structured(ScienceWorldTaskConfig(gold_look="always"))
+    with pytest.raises(ValueError, match="gold_look"):
+        ScienceWorldTextEnv(gold_look="always")
+    assert ScienceWorldTextEnv(gold_look="before_focus").gold_look == "before_focus"
+    assert pickle.loads(pickle.dumps(both.env_factory()))().gold_look == "before_focus"
+
+
 def test_env_factory_is_picklable_and_preamble():
     task = sw_task(simplification="easy", env_step_limit=50)
     env = pickle.loads(pickle.dumps(task.env_factory()))()
@@ -180,9 +195,15 @@ def test_expert_trajectories_replay_to_full_score(tmp_path, gold_noops):
     else:
         assert sum(noops) > 0 and sum(dropped) == 0
 
-    with EnvPool(task.env_factory(), num_workers=3) as pool:
+    replay_to_full_score(task, insts, experts)
+
+
+def replay_to_full_score(task, insts, experts) -> None:
+    """A fresh pool plays each expert's recorded actions: the same observations, done at the last
+    step, score 1."""
+    with EnvPool(task.env_factory(), num_workers=len(insts)) as pool:
         starts = pool.reset_batch(list(enumerate(insts)))
-        assert [same_text(r.observation, t.instruction) for r, t in zip(starts, experts)] == [True] * 3
+        assert [same_text(r.observation, t.instruction) for r, t in zip(starts, experts)] == [True] * len(insts)
         last = {}
         for t in range(max(len(x) for x in experts)):
             items = [(slot, traj.steps[t].action) for slot, traj in enumerate(experts) if t < len(traj)]
@@ -191,7 +212,37 @@ def test_expert_trajectories_replay_to_full_score(tmp_path, gold_noops):
                 assert same_text(res.observation, experts[slot].steps[t].observation)
                 assert res.done == (t == len(experts[slot]) - 1)
                 last[slot] = res
-    assert all(r.score == 1.0 and r.done and r.won for r in last.values())
+    assert len(last) == len(insts) and all(r.score == 1.0 and r.done and r.won for r in last.values())
+
+
+def test_gold_look_shows_the_expert_the_animals_before_it_focuses(tmp_path):
+    """lifespan-*: the simulator's gold path walks outside and focuses on an animal it never looked at.
+    With gold_look=before_focus the built expert looks around first (and only then), the look lists
+    the animal it then focuses on, and the recorded path replays to full score."""
+    types = ["lifespan-longest-lived", "lifespan-longest-lived-then-shortest-lived"]
+    plain = sw_task(task_types=types, eval_per_type=3, gold_noops="drop")
+    task = sw_task(task_types=types, eval_per_type=3, gold_noops="drop", gold_look="before_focus")
+    insts = task.instances("dev")
+    before = load_or_build_experts(plain, "dev", tmp_path, num_workers=2, progress=False)
+    experts = load_or_build_experts(task, "dev", tmp_path, num_workers=2, progress=False)
+    # (each load draws its own route to the animals, so the two builds' paths are compared by shape)
+    assert all("look around" not in [s.action for s in old.steps] for old in before)  # why the option exists
+    added = 0
+    for new in experts:
+        actions = [s.action for s in new.steps]
+        first_focus = next(i for i, a in enumerate(actions) if a.startswith("focus on"))
+        if not any(a.startswith("go to") for a in actions[:first_focus]):
+            # it starts outside: the opening look (in the instruction) already lists the animals
+            assert "look around" not in actions and new.meta["gold_looks_added"] == 0
+            continue
+        added += 1
+        # one look, right after arriving; then-shortest-lived's second focus is in the same room
+        assert actions.count("look around") == 1 and new.meta["gold_looks_added"] == 1
+        assert actions[first_focus - 1] == "look around" and actions[first_focus - 2].startswith("go to")
+        focused = actions[first_focus].split()[-1]  # "focus on baby baby brown bear" -> "bear"
+        assert focused in new.steps[first_focus - 1].observation
+    assert added >= 1
+    replay_to_full_score(task, insts, experts)
 
 
 def same_text(a: str, b: str) -> bool:
