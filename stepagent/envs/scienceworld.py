@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import stepagent
+from stepagent.config import GoldLook, GoldNoops
 from stepagent.data.trajectory import Step, Trajectory
 from stepagent.envs.base import ExpertFailure, StepResult, Task, TaskInstance, TextEnv, register_task
 
@@ -35,11 +36,11 @@ INVALID_ACTION_MSG = "No known action matches that input."
 # expert). Under ``easy`` every door starts open, yet the gold paths open each door before walking
 # through it: a third of the find-* gold steps.
 NOOP_OBSERVATIONS = frozenset({"The door is already open."})
-GOLD_NOOPS = ("keep", "drop")
+GOLD_NOOPS = tuple(c.value for c in GoldNoops)  # the config's choices: one source of truth
 # task.gold_look=before_focus: the simulator's gold paths focus on objects in a room they walked into
 # without looking (lifespan-*: "go to outside", "focus on crocodile"), so an imitating agent must guess
 # what is there; the built expert then looks around first, and its choice is read off an observation.
-GOLD_LOOK = ("keep", "before_focus")
+GOLD_LOOK = tuple(c.value for c in GoldLook)
 LOOK_ACTION = "look around"
 
 _ETO_PREFIX = re.compile(r"^task-\d+[a-z]?-")
