@@ -258,19 +258,31 @@ def find_offline_run(path: Path) -> Path:
     return log_file
 
 
-def read_offline_run(path: Path) -> Dict[str, Any]:
+def read_offline_run(path: Path, wait_s: float = 0.0) -> Dict[str, Any]:
     """What a W&B run recorded, from its local files (what ``wandb sync`` uploads): the run's
     identity, config, ``define_metric`` settings, history rows (tables loaded from their
-    files) and summary."""
+    files) and summary.
+
+    ``wait_s``: wait up to this long for the run's ``exit`` record. ``wandb.finish()`` can return
+    before W&B's service process has written the whole transaction log (seen once under load: a
+    log read at once held no run record yet), so a reader right after a run waits for its end."""
     from google.protobuf.json_format import MessageToDict
     from wandb.proto import wandb_internal_pb2 as pb
 
     log_file = find_offline_run(path)
     files = log_file.parent / "files"
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = []
+        for raw in wandb_log_records(log_file):
+            rec = pb.Record()
+            rec.ParseFromString(raw)
+            records.append(rec)
+        if time.monotonic() >= deadline or any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.2)
     out: Dict[str, Any] = {"run": {}, "config": {}, "metrics": [], "history": [], "summary": {}}
-    for raw in wandb_log_records(log_file):
-        rec = pb.Record()
-        rec.ParseFromString(raw)
+    for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             r = rec.run

@@ -308,7 +308,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
 
     runs = sorted((term / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1
-    first_row = read_offline_run(runs[1])["history"][0]
+    first_row = read_offline_run(runs[1], wait_s=30)["history"][0]
     assert first_row["resumed_from_cycle"] == 1
     assert first_row["_step"] == Checkpoint(term / "checkpoints/cycle_1").meta["logger"]["wandb_step"] > 0
 

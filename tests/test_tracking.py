@@ -62,7 +62,7 @@ def test_run_logger_mirrors_metrics_to_offline_wandb(tmp_path):
     logger.finish()
     assert logger.run_id is None and len(run_id) >= 8
 
-    wb = read_offline_run(tmp_path / "run")
+    wb = read_offline_run(tmp_path / "run", wait_s=30)
     assert wb["run"]["id"] == run_id
     assert (wb["run"]["name"], wb["run"]["group"], wb["run"]["job_type"]) == ("implicit_s3", "scienceworld", "implicit")
     assert "arm:implicit" in wb["run"]["tags"] and "seed:3" in wb["run"]["tags"]
@@ -116,7 +116,7 @@ def test_offline_wandb_run_of_a_real_job(tmp_path):
     (c1,) = [x for x in rows if x.get("cycle") == 1]
     assert c1 == {**results["cycles"][0], "_time": c1["_time"]}
 
-    wb = read_offline_run(run_dir)
+    wb = read_offline_run(run_dir, wait_s=30)
     assert (wb["run"]["name"], wb["run"]["group"], wb["run"]["job_type"]) == (
         "stepagent-implicit_s1", "scienceworld", "stepagent-implicit")
     assert {"task:scienceworld", "reward:implicit", "algo:stepagent", "policy:tiny", "seed:1"} <= set(wb["run"]["tags"])
