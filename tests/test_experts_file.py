@@ -127,7 +127,7 @@ def test_cache_keyed_by_content(tmp_path, caplog):
     records = [eto(f"{ETO_NUM['task-3-find-animal']}_{v}") for v in ANIMAL_TRAIN[:3]]
     path = write(tmp_path / "a.json", records)
     cache = tmp_path / "cache"
-    cfg, task = sciworld(path)
+    cfg, task = sciworld(path, task_types=["find-animal"])
     first, r1 = load_experts_file(cfg, task, cache, progress=False)
     assert not r1.cache_hit and Path(r1.cache_path).exists()
     with caplog.at_level(logging.INFO, logger=LOGGER):
@@ -136,7 +136,7 @@ def test_cache_keyed_by_content(tmp_path, caplog):
     assert "parsed trajectories read from the cache" in caplog.text and "parsing" not in caplog.text
     # the key is the content: a copy elsewhere hits, an edited file misses
     copy = shutil.copy(path, tmp_path / "copy.json")
-    cfg_copy, _ = sciworld(copy)
+    cfg_copy, _ = sciworld(copy, task_types=["find-animal"])
     assert load_experts_file(cfg_copy, task, cache, progress=False)[1].cache_hit
     write(path, records + [eto("extra")])
     third, r3 = load_experts_file(cfg, task, cache, progress=False)
