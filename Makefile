@@ -45,8 +45,8 @@ test: $(STAMP) java
 test-slow: $(STAMP) java
 	STEPAGENT_REQUIRE_EXTRAS=1 $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-# The paper ablation at mini scale (6 arms and the NLL variant x 8 seeds, tiny policy, on 2 CPU cores:
-# about 2 h 15 min of runs), then its table and plots. Each finished run's small summary goes to
+# The paper ablation at mini scale (6 arms, the implicit arm at lr 1e-5 and with the NLL term, x 8 seeds,
+# tiny policy, on 2 CPU cores: about 2 h 24 min of runs), then its table and plots. Each finished run's small summary goes to
 # $(ABLATION_SUMMARIES) and is committed at once; a run whose summary is there is skipped, so re-running
 # (in a later session, on another machine) continues where it stopped, and the report is rebuilt from
 # the committed summaries. To redo every run, point ABLATION_SUMMARIES at an empty folder.
